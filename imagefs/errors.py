@@ -1,0 +1,74 @@
+"""One exception tree for imagefs, mapped to an errno at the FUSE edge.
+
+::
+
+    ImagefsError
+    ├── InvalidReference      a name that is not a Docker reference
+    ├── NotFound              no such tag, manifest or blob        -> ENOENT
+    ├── AlreadyExists         the blob is committed already        -> EEXIST
+    ├── Unavailable           another writer holds the ref         -> EAGAIN
+    ├── Unauthorized          the registry refused us              -> EACCES
+    ├── RegistryError         the registry answered badly          -> EIO
+    │   └── RegistryUnreachable   no answer at all (DNS, refused, timeout)
+    ├── DigestMismatch        bytes do not hash to their digest    -> EIO
+    ├── InvalidManifest       JSON we cannot use                   -> EIO
+    │   └── UnsupportedMediaType  e.g. Docker schema1
+    └── PlatformNotFound      --platform names none of the index's -> ENOENT
+
+Lower layers raise the most specific class with ``raise … from exc``; only
+:mod:`imagefs.fs.operations` turns them into ``pyfuse3.FUSEError``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class ImagefsError(Exception):
+    """Base of every error imagefs raises on purpose; ``errno`` is what a reader sees."""
+
+    errno: int = errno.EIO
+
+
+class InvalidReference(ImagefsError):
+    errno = errno.EINVAL
+
+
+class NotFound(ImagefsError):
+    errno = errno.ENOENT
+
+
+class AlreadyExists(ImagefsError):
+    errno = errno.EEXIST
+
+
+class Unavailable(ImagefsError):
+    errno = errno.EAGAIN
+
+
+class Unauthorized(ImagefsError):
+    errno = errno.EACCES
+
+
+class RegistryError(ImagefsError):
+    errno = errno.EIO
+
+
+class RegistryUnreachable(RegistryError):
+    pass
+
+
+class DigestMismatch(ImagefsError):
+    errno = errno.EIO
+
+
+class InvalidManifest(ImagefsError):
+    errno = errno.EIO
+
+
+class UnsupportedMediaType(InvalidManifest):
+    pass
+
+
+class PlatformNotFound(ImagefsError):
+    errno = errno.ENOENT

@@ -1,0 +1,217 @@
+"""pyfuse3 operations for a mount: the one place where errors become errnos.
+
+Every request handler is wrapped once, by :func:`_fuse_errors`: an :class:`ImagefsError` is logged
+and answered with its ``errno``; anything else is logged with its traceback and answered ``EIO``.
+Nothing but ``FUSEError`` may leave a handler — any other exception would stop ``pyfuse3.main``
+and leave the mount hung.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+
+import pyfuse3
+
+from ..descriptors import LAYER_TYPES, Descriptor, has_children
+from ..errors import ImagefsError
+from ..handlers import GC_REF, GC_ROOT
+from ..reader import BlobReader
+from .tree import Node, Tree
+
+log = logging.getLogger(__name__)
+
+# An image never changes under its mount: let the kernel cache names and attributes for long.
+TIMEOUT = 24 * 3600.0
+XATTR_USER = b"user."
+
+
+def _fuse_errors(cls):
+    """Wrap every request handler the class defines with the errno mapping."""
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        async def handler(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except ImagefsError as exc:
+                log.error("%s: %s", name, exc)
+                raise pyfuse3.FUSEError(exc.errno) from None
+            except Exception:
+                log.exception("%s failed", name)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return handler
+
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and hasattr(pyfuse3.Operations, name):
+            setattr(cls, name, wrap(name, fn))
+    return cls
+
+
+@_fuse_errors
+class Operations(pyfuse3.Operations):
+    """Answers the kernel from a :class:`Tree`; blobs come through a :class:`BlobReader`."""
+
+    def __init__(self, tree: Tree, reader: BlobReader) -> None:
+        super().__init__()
+        self.tree = tree
+        self.reader = reader
+        self.image = tree.image
+        self.mtime_ns = time.time_ns()
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    # -- attributes -----------------------------------------------------------------------------
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid, a.st_gid = self.uid, self.gid
+        if node.data is not None:
+            a.st_size = len(node.data)
+        elif node.target:
+            a.st_size = len(node.target)
+        elif node.desc is not None and not node.is_dir:
+            a.st_size = node.desc.size
+        else:
+            a.st_size = 0
+        a.st_blksize = 1 << 17
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
+        a.entry_timeout = a.attr_timeout = TIMEOUT
+        return a
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self.tree.get(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._node(inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attr(parent)
+        await self.tree.expand(parent)
+        inode = parent.index.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(self.tree.get(inode))
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if not node.target:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- directories ----------------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.tree.expand(node)  # looking inside a manifest fetches it
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        # Offsets are positions in an append-only list, so they survive discovery.
+        for i in range(start_id, len(node.names)):
+            name = node.names[i]
+            child = self.tree.get(node.index[name])
+            if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
+                return
+
+    async def releasedir(self, fh):
+        pass
+
+    # -- files ----------------------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        # Keep the page cache only for verified bytes: an open while a blob streams starts afresh.
+        keep = node.data is not None or (node.desc is not None and self.reader.committed(node.desc))
+        return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
+
+    async def read(self, fh, off, size):
+        node = self._node(fh)
+        if node.data is not None:
+            return node.data[off : off + size]
+        desc = node.desc
+        if desc is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if self.reader.committed(desc):
+            return self.reader.read_committed(desc, off, size)
+        if desc.media_type in LAYER_TYPES:
+            return await self.reader.read(desc, off, size)
+        # Manifests, configs and artifacts are served only whole and verified.
+        if has_children(desc):
+            await self.image.expand(desc)
+        else:
+            await self.image.ensure(desc)
+        return self.reader.read_committed(desc, off, size)
+
+    async def release(self, fh):
+        pass
+
+    # -- extended attributes --------------------------------------------------------------------
+
+    async def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        desc = node.desc
+        if desc is None:
+            return {}
+        out: dict[str, str] = {}
+        labels = self.tree.image.store.labels(desc.digest) if self.reader.committed(desc) else {}
+        if desc.digest == self.image.root.digest and GC_ROOT in labels:
+            out[GC_ROOT] = labels[GC_ROOT]
+        if has_children(desc):
+            for i, kid in enumerate(await self.image.expand(desc)):
+                out[f"{GC_REF}{i}"] = kid.digest
+        out["imagefs.mediatype"] = desc.media_type
+        out["imagefs.digest"] = desc.digest
+        out["imagefs.size"] = str(desc.size)
+        platform = self.image.platforms.get(desc.ref_key)
+        if platform is not None:
+            out["imagefs.platform"] = str(platform)
+        out["imagefs.fetched"] = str(self.reader.fetched(desc))
+        return {XATTR_USER + k.encode(): v.encode() for k, v in out.items()}
+
+    async def listxattr(self, inode, ctx):
+        return list(await self._xattrs(self._node(inode)))
+
+    async def getxattr(self, inode, name, ctx):
+        value = (await self._xattrs(self._node(inode))).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    # -- the filesystem -------------------------------------------------------------------------
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        total = sum(d.size for d in self.image.descriptors.values())
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def access(self, inode, mode, ctx):
+        self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)

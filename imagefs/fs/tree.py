@@ -1,0 +1,122 @@
+"""The inode table of a mount: the layout of DESIGN.md §1, grown as the graph is discovered.
+
+Directory entries are only ever appended, so a ``readdir`` offset (an entry's position) stays
+valid while discovery adds descriptors under a reader's feet.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from ..descriptors import OCI_INDEX, Descriptor, has_children
+from ..image import Image
+
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+LINK_MODE = stat.S_IFLNK | 0o777
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    mode: int
+    desc: Descriptor | None = None  # the descriptor a descriptor dir or blob file stands for
+    data: bytes | None = None  # contents of a static file
+    target: bytes = b""  # symlink target
+    names: list[bytes] = field(default_factory=list)  # dir entries, in order
+    index: dict[bytes, int] = field(default_factory=dict)  # name -> inode
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def add(self, name: bytes, inode: int) -> None:
+        if name not in self.index:
+            self.index[name] = inode
+            self.names.append(name)
+
+
+class Tree:
+    """Nodes for one :class:`Image`; listens to it so new descriptors appear at once."""
+
+    def __init__(self, image: Image, tag: str | None = None) -> None:
+        self.image = image
+        self.nodes: dict[int, Node] = {}
+        self.top = self._new(DIR_MODE, inode=pyfuse3.ROOT_INODE)
+        self.top.nlink = 2
+        self.dirs: dict[str, Node] = {}  # ref key -> descriptor dir
+        self.blobs: dict[str, Node] = {}  # digest -> blob file (one inode however it is reached)
+        self.expanded: set[str] = set()
+        root = image.root
+        self._link(self.top, b"root", root.ref_key.encode())
+        layout = json.dumps({"imageLayoutVersion": "1.0.0"}).encode()
+        self._file(self.top, b"oci-layout", layout)
+        entry = root.to_json()
+        if tag:
+            entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        self._file(self.top, b"index.json", json.dumps(index, indent=2).encode() + b"\n")
+        blobs = self._dir(self.top, b"blobs")
+        self.sha256 = self._dir(blobs, b"sha256")
+        for desc in image.descriptors.values():
+            self._on_descriptor(desc)
+        image.listeners.append(self._on_descriptor)
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _new(self, mode: int, inode: int | None = None, **kw) -> Node:
+        node = Node(inode if inode is not None else len(self.nodes) + pyfuse3.ROOT_INODE, mode, **kw)
+        self.nodes[node.inode] = node
+        return node
+
+    def _dir(self, parent: Node, name: bytes, desc: Descriptor | None = None) -> Node:
+        node = self._new(DIR_MODE, desc=desc, nlink=2)
+        parent.add(name, node.inode)
+        parent.nlink += 1
+        return node
+
+    def _file(self, parent: Node, name: bytes, data: bytes) -> Node:
+        node = self._new(FILE_MODE, data=data)
+        parent.add(name, node.inode)
+        return node
+
+    def _link(self, parent: Node, name: bytes, target: bytes) -> None:
+        if name not in parent.index:
+            parent.add(name, self._new(LINK_MODE, target=target).inode)
+
+    def _on_descriptor(self, desc: Descriptor) -> None:
+        key = desc.ref_key
+        if key in self.dirs:
+            return
+        d = self._dir(self.top, key.encode(), desc)
+        self.dirs[key] = d
+        blob = self.blobs.get(desc.digest)
+        if blob is None:  # one inode per digest, however many media types name it
+            blob = self.blobs[desc.digest] = self._new(FILE_MODE, desc=desc)
+            self.sha256.add(desc.hex.encode(), blob.inode)
+        blob.nlink += 1
+        d.add(b"blob", blob.inode)
+        if key in self.image.children:
+            self._add_children(desc)
+
+    def _add_children(self, desc: Descriptor) -> None:
+        d = self.dirs[desc.ref_key]
+        for kid in self.image.children.get(desc.ref_key, []):
+            self._link(d, kid.ref_key.encode(), b"../" + kid.ref_key.encode())
+        self.expanded.add(desc.ref_key)
+
+    async def expand(self, node: Node) -> None:
+        """Make sure a manifest's or index's directory lists its children (fetching it if needed)."""
+        desc = node.desc
+        if desc is None or not node.is_dir or not has_children(desc) or desc.ref_key in self.expanded:
+            return
+        await self.image.expand(desc)
+        self._add_children(desc)
+
+    def get(self, inode: int) -> Node:
+        return self.nodes[inode]

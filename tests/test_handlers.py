@@ -1,0 +1,149 @@
+"""The fetch port (DESIGN.md §4) and the lazy reader, with an in-memory fetcher.
+
+The fetcher is a stand-in for the registry so that interleavings can be forced; the same
+behaviour is checked against a real registry through a real mount in test_mount.py.
+"""
+
+import hashlib
+import json
+import random
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from imagefs import descriptors as d
+from imagefs.content import LocalStore
+from imagefs.errors import DigestMismatch, InvalidManifest
+from imagefs.handlers import GC_REF, GC_ROOT, Backoff, dispatch, fetch
+from imagefs.reader import BlobReader
+
+
+def blob(data: bytes, mt=d.OCI_LAYER_GZIP) -> d.Descriptor:
+    return d.Descriptor(mt, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+class MemoryFetcher:
+    """Serves blobs from a dict in small chunks, yielding to trio between them."""
+
+    def __init__(self, blobs: dict[str, bytes], chunk=4096, pause=0.0):
+        self.blobs, self.chunk, self.pause = blobs, chunk, pause
+        self.opens: list[str] = []
+        self.corrupt: set[str] = set()
+
+    @asynccontextmanager
+    async def open(self, desc, start=0, end=None):
+        self.opens.append(desc.digest)
+        data = self.blobs[desc.digest]
+        if desc.digest in self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+
+        async def chunks():
+            for i in range(start, len(data) if end is None else end, self.chunk):
+                await trio.sleep(self.pause)
+                yield data[i : i + self.chunk]
+
+        yield chunks()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path / "cache")
+
+
+def test_backoff_is_jittered_and_doubles_to_2048():
+    random.seed(1)
+    b = Backoff()
+    bounds = []
+    for _ in range(12):
+        bound = b.retry
+        delay = b.next_delay()
+        assert 0 <= delay * 1000 < bound
+        bounds.append(bound)
+    assert bounds[:8] == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert bounds[8:] == [2048] * 4
+
+
+async def test_concurrent_fetches_of_one_blob_fetch_once(store):
+    data = random.randbytes(300_000)
+    desc = blob(data)
+    fetcher = MemoryFetcher({desc.digest: data}, pause=0.001)
+    async with trio.open_nursery() as n:
+        for _ in range(16):
+            n.start_soon(fetch, store, fetcher, desc)
+    assert fetcher.opens == [desc.digest]
+    assert store.path(desc.digest).read_bytes() == data
+
+
+async def test_manifest_fetch_records_gc_labels_from_the_tee(store):
+    config, layer = blob(b"{}", d.OCI_CONFIG), blob(b"layer")
+    body = json.dumps({"schemaVersion": 2, "mediaType": d.OCI_MANIFEST, "config": config.to_json(),
+                       "layers": [layer.to_json()]}).encode()
+    man = blob(body, d.OCI_MANIFEST)
+    await fetch(store, MemoryFetcher({man.digest: body}), man, root=True)
+    labels = store.labels(man.digest)
+    assert labels[f"{GC_REF}0"] == config.digest and labels[f"{GC_REF}1"] == layer.digest
+    assert labels[GC_ROOT].endswith("Z") and labels["imagefs.mediatype"] == d.OCI_MANIFEST
+
+
+async def test_manifest_with_right_digest_but_bad_json_is_not_committed(store):
+    body = b'{"layers": "nope"}'
+    man = blob(body, d.OCI_MANIFEST)
+    with pytest.raises(InvalidManifest):
+        await fetch(store, MemoryFetcher({man.digest: body}), man)
+    assert store.path(man.digest) is None and store.active(man.ref_key) is None
+
+
+async def test_dispatch_visits_each_descriptor_once():
+    a, b, c = (blob(bytes([i])) for i in range(3))
+    graph = {a.digest: [b, c], b.digest: [c], c.digest: []}
+    visits = []
+
+    async def handler(desc):
+        visits.append(desc.digest)
+        await trio.sleep(0)
+        return graph[desc.digest]
+
+    await dispatch(handler, [a, a])
+    assert sorted(visits) == sorted([a.digest, b.digest, c.digest])
+
+
+async def test_reader_herd_reads_once_and_serves_while_streaming(store):
+    data = random.randbytes(1_000_000)
+    desc = blob(data)
+    fetcher = MemoryFetcher({desc.digest: data}, chunk=65536, pause=0.002)
+    results = {}
+    async with trio.open_nursery() as bg:
+        reader = BlobReader(store, fetcher, bg)
+        # the first 64 KiB is served before the blob is complete
+        first = await reader.read(desc, 0, 4096)
+        assert first == data[:4096]
+        assert store.path(desc.digest) is None, "served before the whole blob arrived"
+
+        async def one(i):
+            off = random.randrange(len(data))
+            results[i] = (off, await reader.read(desc, off, 131072))
+
+        async with trio.open_nursery() as n:
+            for i in range(32):
+                n.start_soon(one, i)
+    assert fetcher.opens == [desc.digest]
+    for off, got in results.values():
+        assert got == data[off : off + 131072]
+    assert reader.statistics().fetches_started == 1
+
+
+async def test_reader_end_of_corrupt_blob_is_an_error_and_retried_later(store):
+    data = random.randbytes(200_000)
+    desc = blob(data)
+    fetcher = MemoryFetcher({desc.digest: data}, chunk=8192, pause=0.001)
+    fetcher.corrupt.add(desc.digest)
+    async with trio.open_nursery() as bg:
+        reader = BlobReader(store, fetcher, bg)
+        with pytest.raises(DigestMismatch):
+            await reader.read(desc, len(data) - 100, 100)
+        assert store.path(desc.digest) is None
+        fetcher.corrupt.clear()
+        assert await reader.read(desc, len(data) - 100, 100) == data[-100:]
+    assert len(fetcher.opens) == 2
+    assert reader.statistics().fetches_failed == 1
