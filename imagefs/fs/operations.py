@@ -169,15 +169,17 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes --------------------------------------------------------------------
 
-    async def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+    async def _xattrs(self, node: Node, *, children: bool = True) -> dict[bytes, bytes]:
+        """The ``user.`` attributes of DESIGN.md §2; gc ref labels only when ``children`` (that fetches)."""
         desc = node.desc
         if desc is None:
             return {}
         out: dict[str, str] = {}
-        labels = self.tree.image.store.labels(desc.digest) if self.reader.committed(desc) else {}
-        if desc.digest == self.image.root.digest and GC_ROOT in labels:
-            out[GC_ROOT] = labels[GC_ROOT]
-        if has_children(desc):
+        if desc.digest == self.image.root.digest:
+            stamp = self.image.store.labels(desc.digest).get(GC_ROOT)
+            if stamp:
+                out[GC_ROOT] = stamp
+        if children and has_children(desc):
             for i, kid in enumerate(await self.image.expand(desc)):
                 out[f"{GC_REF}{i}"] = kid.digest
         out["imagefs.mediatype"] = desc.media_type
@@ -193,7 +195,11 @@ class Operations(pyfuse3.Operations):
         return list(await self._xattrs(self._node(inode)))
 
     async def getxattr(self, inode, name, ctx):
-        value = (await self._xattrs(self._node(inode))).get(name)
+        # ls -l asks every entry for security.* and system.* names: answer without fetching.
+        if not name.startswith(XATTR_USER):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        wants_children = name.startswith(XATTR_USER + GC_REF.encode())
+        value = (await self._xattrs(self._node(inode), children=wants_children)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

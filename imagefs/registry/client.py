@@ -18,6 +18,8 @@ import httpx
 
 from ..descriptors import (
     ACCEPT_MANIFESTS,
+    CONFIG_TYPES,
+    LAYER_TYPES,
     MAX_MANIFEST_SIZE,
     Descriptor,
     check_supported,
@@ -146,23 +148,37 @@ class RegistryClient:
 
     @asynccontextmanager
     async def open(self, desc: Descriptor, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream ``desc``'s bytes ``[start, end)``: manifests from ``/manifests/``, others from ``/blobs/``.
+        """Stream ``desc``'s bytes ``[start, end)``; the caller verifies (the store does, at commit).
 
-        Yields an async iterator of chunks; the caller verifies (the store does, at commit).
+        Manifests come from ``/manifests/``, layers and configs from ``/blobs/``. Anything else
+        (artifacts, signatures) is tried at ``/blobs/`` and then ``/manifests/``, since registries
+        store many artifacts as manifests.
         """
         end = desc.size if end is None else min(end, desc.size)
-        kind = "manifests" if has_children(desc) else "blobs"
-        url = f"{self.base}/{kind}/{desc.digest}"
-        headers = {"Accept": desc.media_type} if kind == "manifests" else {}
+        if has_children(desc):
+            kinds = ["manifests"]
+        elif desc.media_type in LAYER_TYPES or desc.media_type in CONFIG_TYPES:
+            kinds = ["blobs"]
+        else:
+            kinds = ["blobs", "manifests"]
+        headers = {}
         ranged = start > 0 or end < desc.size
         if ranged:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        async with self._stream("GET", url, headers=headers, what=f"blob {desc.digest}") as resp:
-            if ranged and resp.status_code == 200:
-                # The registry ignored Range: skip to where we wanted to be.
-                yield self._slice(resp, start, end)
-            else:
-                yield self._chunks(resp, end - start)
+        for i, kind in enumerate(kinds):
+            if kind == "manifests":
+                headers["Accept"] = f"{desc.media_type}, {ACCEPT_MANIFESTS}"
+            try:
+                async with self._stream("GET", f"{self.base}/{kind}/{desc.digest}", headers=headers, what=f"blob {desc.digest}") as resp:
+                    if ranged and resp.status_code == 200:
+                        # The registry ignored Range: skip to where we wanted to be.
+                        yield self._slice(resp, start, end)
+                    else:
+                        yield self._chunks(resp, end - start)
+                    return
+            except NotFound:
+                if i == len(kinds) - 1:
+                    raise
 
     async def _chunks(self, resp: httpx.Response, limit: int) -> AsyncIterator[bytes]:
         got = 0
@@ -223,6 +239,9 @@ class RegistryClient:
             raise Unauthorized(f"access denied to {self.ref.name} (anonymous){detail}")
         if code == 429:
             raise RegistryError(f"{self.ref.name}: rate limited by the registry (429){detail}")
+        if code in (502, 503, 504):
+            # A gateway with no registry behind it: as good as unreachable.
+            raise RegistryUnreachable(f"registry {self.ref.host} unavailable: {what}: answered {code}{detail}")
         raise RegistryError(f"{self.ref.name}: {what}: registry answered {code}{detail}")
 
 
