@@ -1,0 +1,20 @@
+"""imagefs: mount a container image straight from an OCI registry, fetching bytes only when read.
+
+How the package is layered, from the bottom up:
+
+- :mod:`imagefs.errors` — the one exception tree; each class carries the errno a reader sees.
+- :mod:`imagefs.reference` — Docker reference grammar (``alpine`` → ``docker.io/library/alpine:latest``).
+- :mod:`imagefs.descriptors` — descriptors, media types, containerd's ref keys, manifest decoding.
+- :mod:`imagefs.registry` — the httpx client: auth flow, resolve, manifests, ranged blob streams.
+- :mod:`imagefs.content` — the content store (cache): protocols and the local store with its
+  per-ref writer locks, digest-checked commits and gc labels as ``user.`` xattrs.
+- :mod:`imagefs.handlers` — the port of containerd's ``remotes/handlers.go``: ``fetch`` with
+  jittered backoff on a locked ref, labels from a tee of the stream, a concurrent ``dispatch``.
+- :mod:`imagefs.image` — the descriptor graph of one mount, discovered as it is walked.
+- :mod:`imagefs.reader` — byte ranges of layer blobs, served as they stream in.
+- :mod:`imagefs.fs` — the FUSE side: inode tree, pyfuse3 operations (the errno boundary), mount.
+- :mod:`imagefs.cli` — the ``imagefs`` command.
+- :mod:`imagefs.testing` — builds and pushes test and demo images; the mount never imports it.
+"""
+
+__version__ = "0.1.0"
