@@ -153,9 +153,15 @@ def cmd_mount(args) -> int:
     if args.insecure:
         log.warning("--insecure: the registry's TLS certificate is NOT verified")
 
+    relay = _WarningRelay(args.ready_fd) if args.ready_fd is not None else None
+    if relay:
+        logging.getLogger().addHandler(relay)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, opts)
+            if relay:
+                logging.getLogger().removeHandler(relay)
             _report_ready(args.ready_fd, "ok")
 
     try:
@@ -167,6 +173,20 @@ def cmd_mount(args) -> int:
             print(f"imagefs: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
+
+
+class _WarningRelay(logging.Handler):
+    """Until the mount is ready, warnings also go up the pipe, so the user's terminal shows them."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(logging.WARNING)
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, f"warning: {record.getMessage()}".replace("\n", " ").encode() + b"\n")
+        except OSError:
+            pass
 
 
 def _report_ready(fd: int | None, message: str) -> None:
@@ -191,6 +211,9 @@ def _spawn_background(args) -> int:
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         answer = pipe.readline().decode().strip()
+        while answer.startswith("warning: "):
+            print(f"imagefs: {answer}", file=sys.stderr)
+            answer = pipe.readline().decode().strip()
     if answer == "ok":
         return EXIT_OK
     if answer.startswith("error: "):

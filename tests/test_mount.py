@@ -188,6 +188,7 @@ def test_second_mount_with_the_registry_stopped_serves_from_cache(registry, prox
             for name, digest in sums.items():
                 assert sha256sum(m.path(name, "blob")) == digest
             assert "using sha256:" in m.log_text(), "the log says the remembered resolution was used"
+            assert m.stderr.startswith("imagefs: warning: registry") and "using sha256:" in m.stderr
         # by digest, no registry and no tag memory needed
         with Mount(f"{proxy.host}/test/oci@{images.oci.digest}", tmp_path / "m3", cache_dir) as m:
             assert os.readlink(m.path("root")) == ref_key(images.oci.index)

@@ -28,7 +28,8 @@ class Mount:
 
     def __enter__(self) -> "Mount":
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        imagefs("mount", self.ref, self.mountpoint, "--cache-dir", self.cache_dir, "--log-file", self.log, *self.extra, check=True)
+        done = imagefs("mount", self.ref, self.mountpoint, "--cache-dir", self.cache_dir, "--log-file", self.log, *self.extra, check=True)
+        self.stderr = done.stderr
         assert os.path.ismount(self.mountpoint)
         return self
 
