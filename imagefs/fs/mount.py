@@ -20,7 +20,7 @@ from ..descriptors import Platform
 from ..errors import ImagefsError
 from ..image import Image, resolve_root
 from ..reader import BlobReader
-from ..reference import parse
+from ..reference import Reference, parse
 from ..registry.client import RegistryClient
 from .operations import Operations
 from .tree import Tree
@@ -51,12 +51,22 @@ def check_mountpoint(path: Path) -> None:
         raise ImagefsError(f"{path} is already a mount point (imagefs umount {path} first)")
 
 
+def make_client(ref: Reference, opts: MountOptions) -> RegistryClient:
+    """The registry client a mount (or any verb that reads a registry) uses."""
+    return RegistryClient(
+        ref,
+        plain_http=opts.plain_http,
+        insecure=opts.insecure,
+        ca_file=opts.ca_file,
+    )
+
+
 async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``opts.ref`` at ``opts.mountpoint`` and serve until unmounted or signalled."""
     ref = parse(opts.ref)
     check_mountpoint(opts.mountpoint)
     store = LocalStore(opts.cache_dir)
-    async with RegistryClient(ref, plain_http=opts.plain_http, insecure=opts.insecure, ca_file=opts.ca_file) as client:
+    async with make_client(ref, opts) as client:
         root = await resolve_root(store, client, ref)
         log.info("%s resolved to %s", ref, root.ref_key)
         image = Image(store, client, root, platform=opts.platform, all_platforms=opts.all_platforms)
