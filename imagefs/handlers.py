@@ -101,9 +101,12 @@ async def copy(writer: Writer, fetcher: Fetcher, desc: Descriptor, *, root: bool
     if has_children(desc) and desc.size > MAX_MANIFEST_SIZE:
         raise InvalidManifest(f"{desc.ref_key}: a manifest of {desc.size} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
     tee = bytearray() if has_children(desc) else None
-    async with fetcher.open(desc, writer.offset) as stream:
+    # A blob resumes after what an earlier process left; a manifest is re-read whole for the tee.
+    pos = 0 if tee is not None else writer.offset
+    async with fetcher.open(desc, pos) as stream:
         async for chunk in stream:
-            await writer.write(chunk)
+            await writer.write_at(pos, chunk)
+            pos += len(chunk)
             if tee is not None:
                 tee += chunk
     kids: list[Descriptor] = []

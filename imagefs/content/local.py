@@ -4,7 +4,7 @@
 
     CACHE/blobs/sha256/<hex>        complete, digest-verified, mode 0444; labels as user. xattrs
     CACHE/labels/sha256/<hex>.json  the labels, where the filesystem has no user xattrs
-    CACHE/ingest/<ref key>/         data (written at offsets) and state while a fetch runs
+    CACHE/ingest/<ref key>/         data (sparse, written at offsets) and state: which ranges are present
     CACHE/refs/<registry>/<repository>/<tag>.json   a tag's last resolution
 
 Writer locks live in this process (one :class:`Writer` per ref key); a second caller gets
@@ -26,11 +26,13 @@ from pathlib import Path
 import trio
 
 from ..errors import AlreadyExists, DigestMismatch, ImagefsError, Unavailable
+from .ranges import RangeSet
 from .store import Info
 
 log = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user."
+HASH_CHUNK = 4 << 20
 
 
 def default_cache_dir() -> Path:
@@ -85,7 +87,7 @@ class LocalStore:
         if holder is not None:
             raise Unavailable(
                 f"ref {ref} locked for {time.monotonic() - holder.started:.1f}s "
-                f"(since {holder.started_at}, {holder.offset}/{holder.size} bytes written)"
+                f"(since {holder.started_at}, {holder.present.total()}/{holder.size} bytes present)"
             )
         w = Writer(self, ref, size, digest)
         self._writers[ref] = w
@@ -157,30 +159,57 @@ class LocalStore:
 
 
 class Writer:
-    """The single writer of one blob: data goes to the ingest, hashed as it lands.
+    """The single writer of one blob: bytes land at any offset in a sparse ingest file.
 
-    Readers in the same process follow ``offset`` and wake on :meth:`wait_changed`, so a layer can
-    be served while it streams. Leaving the ``with`` block without :meth:`commit` discards the data.
+    ``present`` records which ranges are on disk and is saved beside the data, so a later process
+    resumes a partial blob instead of starting over. The contiguous prefix is hashed off the trio
+    thread as it grows (:meth:`hash_prefix`); :meth:`commit` checks size and digest before the blob
+    becomes permanent. Readers in the same process follow ``present`` and wake on
+    :meth:`wait_changed`. Leaving the ``with`` block without :meth:`commit` discards the data;
+    :meth:`suspend` keeps it for a later process.
     """
 
     def __init__(self, store: LocalStore, ref: str, size: int, digest: str) -> None:
         self.store, self.ref, self.size, self.digest = store, ref, size, digest
         self.started = time.monotonic()
         self.started_at = now_rfc3339()
-        self.offset = 0
         self.error: BaseException | None = None
         self.committed = False
+        self.closed = False
         self.dir = store.ingests / ref
-        if self.dir.exists():
-            shutil.rmtree(self.dir)  # left by a crashed process: start it over
-        self.dir.mkdir(parents=True)
         self.data_path = self.dir / "data"
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        (self.dir / "state").write_text(
-            json.dumps({"ref": ref, "digest": digest, "size": size, "started": self.started_at})
-        )
+        self.state_path = self.dir / "state"
+        self.present = self._resume() or RangeSet()
+        self.resumed = self.present.total()
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, size)  # sparse: holes cost nothing
+        self._save_state()
+        self.hashed = 0
         self._hash = hashlib.sha256()
+        self._hash_lock = trio.Lock()
+        self._ops = 0  # writes in worker threads; the fd stays open until they end
         self._changed = trio.Event()
+
+    def _resume(self) -> RangeSet | None:
+        """The ranges a previous process left, if its ingest is for the same blob."""
+        try:
+            state = json.loads(self.state_path.read_text())
+            if state["digest"] == self.digest and state["size"] == self.size and self.data_path.stat().st_size == self.size:
+                present = RangeSet([(int(a), int(b)) for a, b in state.get("present", [])])
+                if present.total():
+                    log.info("%s: resuming with %d of %d bytes present", self.ref, present.total(), self.size)
+                return present
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if self.dir.exists():
+            shutil.rmtree(self.dir)  # not ours to resume: start over
+        self.dir.mkdir(parents=True)
+        return None
+
+    def _save_state(self) -> None:
+        state = {"ref": self.ref, "digest": self.digest, "size": self.size, "started": self.started_at,
+                 "present": self.present.ranges()}
+        _atomic_write(self.state_path, json.dumps(state).encode())
 
     def __enter__(self) -> "Writer":
         return self
@@ -189,24 +218,52 @@ class Writer:
         if not self.committed:
             self.abort(exc or ImagefsError(f"{self.ref}: fetch ended before commit"))
 
+    @property
+    def offset(self) -> int:
+        """Bytes present from the start: where a sequential :meth:`write` continues."""
+        return self.present.prefix()
+
+    @property
+    def complete(self) -> bool:
+        return self.present.covers(0, self.size)
+
     async def write(self, data: bytes) -> None:
-        """Append ``data``; the disk write and hashing run off the trio thread."""
-        if self.offset + len(data) > self.size:
+        """Append ``data`` after the present prefix (a whole-blob fetch)."""
+        await self.write_at(self.offset, data)
+
+    async def write_at(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``; the disk write runs off the trio thread."""
+        if self.closed:
+            raise self.error or ImagefsError(f"{self.ref}: writer is closed")
+        if offset + len(data) > self.size:
             raise DigestMismatch(f"{self.ref}: registry sent more than the {self.size} bytes the descriptor says")
-        await trio.to_thread.run_sync(self._write_sync, data, self.offset)
-        self.offset += len(data)
+        self._ops += 1
+        try:
+            await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
+        finally:
+            self._ops -= 1
+            if self.closed:
+                self._close_fd()
+        if self.closed:
+            raise self.error or ImagefsError(f"{self.ref}: writer is closed")
+        self.present.add(offset, offset + len(data))
         self._notify()
 
-    def _write_sync(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        self._hash.update(data)
+    def save(self) -> None:
+        """Record which ranges are present, so a crash or unmount loses no fetched byte."""
+        if not self.closed:
+            self._save_state()
 
     def pread(self, offset: int, size: int) -> bytes:
-        """Bytes already written; callers check ``offset`` first."""
+        """Bytes already written; callers check ``present`` first."""
         return os.pread(self.fd, size, offset)
+
+    async def hash_prefix(self) -> None:
+        """Hash the present prefix not hashed yet, reading it back in a worker thread."""
+        async with self._hash_lock:
+            target = self.present.prefix()
+            if target > self.hashed and not self.closed:
+                self.hashed = await trio.to_thread.run_sync(_hash_file, self.data_path, self._hash, self.hashed, target)
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -217,8 +274,9 @@ class Writer:
 
     async def commit(self, labels: dict[str, str] | None = None) -> Path:
         """Check size and digest, then make the blob permanent; a mismatch discards it and raises."""
-        if self.offset != self.size:
-            raise DigestMismatch(f"{self.ref}: got {self.offset} bytes, descriptor says {self.size}")
+        if not self.complete:
+            raise DigestMismatch(f"{self.ref}: got {self.present.total()} bytes, descriptor says {self.size}")
+        await self.hash_prefix()
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
             raise DigestMismatch(f"{self.ref}: content has digest {actual}, expected {self.digest}")
@@ -231,23 +289,56 @@ class Writer:
             self.store.update_labels(self.digest, labels)
         self._close()
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._notify()
         return target
 
     def abort(self, error: BaseException) -> None:
         """Discard the partial data and wake every reader with ``error``."""
-        if self.committed or self.fd < 0:
+        if self.committed or self.closed:
             return
         self.error = error
         self._close()
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._notify()
+
+    def suspend(self) -> None:
+        """Stop writing but keep what is present, for the next process to resume."""
+        if self.committed or self.closed:
+            return
+        self._save_state()
+        self.error = ImagefsError(f"{self.ref}: fetch suspended")
+        self._close()
 
     def _close(self) -> None:
+        self.closed = True
         self.store._release(self)
+        if self._ops == 0:
+            self._close_fd()
+        self._notify()
+
+    def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _hash_file(path: Path, hasher, start: int, end: int) -> int:
+    """Feed ``path[start:end]`` to ``hasher`` in bounded chunks; returns ``end``."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            chunk = f.read(min(HASH_CHUNK, end - pos))
+            if not chunk:
+                raise ImagefsError(f"{path}: ingest shorter than expected at {pos}")
+            hasher.update(chunk)
+            pos += len(chunk)
+    return end
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -19,7 +19,7 @@ import pyfuse3
 from ..descriptors import LAYER_TYPES, Descriptor, has_children
 from ..errors import ImagefsError
 from ..handlers import GC_REF, GC_ROOT
-from ..reader import BlobReader
+from ..reader import BlobReader, Handle
 from .tree import Node, Tree
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class Operations(pyfuse3.Operations):
         self.image = tree.image
         self.mtime_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.handles: dict[int, tuple[Node, Handle | None]] = {}
+        self._next_fh = 0
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -144,19 +146,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         # Keep the page cache only for verified bytes: an open while a blob streams starts afresh.
         keep = node.data is not None or (node.desc is not None and self.reader.committed(node.desc))
-        return pyfuse3.FileInfo(fh=inode, keep_cache=keep)
+        self._next_fh += 1
+        self.handles[self._next_fh] = (node, self.reader.open(node.desc, inode) if node.desc else None)
+        return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=keep)
 
     async def read(self, fh, off, size):
-        node = self._node(fh)
+        try:
+            node, handle = self.handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
         if node.data is not None:
             return node.data[off : off + size]
         desc = node.desc
-        if desc is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
         if self.reader.committed(desc):
             return self.reader.read_committed(desc, off, size)
         if desc.media_type in LAYER_TYPES:
-            return await self.reader.read(desc, off, size)
+            return await self.reader.read(desc, off, size, handle)
         # Manifests, configs and artifacts are served only whole and verified.
         if has_children(desc):
             await self.image.expand(desc)
@@ -165,7 +170,7 @@ class Operations(pyfuse3.Operations):
         return self.reader.read_committed(desc, off, size)
 
     async def release(self, fh):
-        pass
+        self.handles.pop(fh, None)
 
     # -- extended attributes --------------------------------------------------------------------
 
