@@ -38,6 +38,10 @@ SPAN = 1 << 20  # what a random read costs; chosen by bench/run (see bench/RESUL
 MAX_WINDOW = 128 << 20  # a sequential reader's readahead, at most
 MAX_REQUEST = 64 << 20  # one Range request, at most: registries charge per request
 MAX_REQUESTS_PER_BLOB = 3
+# The kernel's async readahead reaches us reordered by several MiB (4 MiB readahead, up to 32
+# reads in flight): a read this close to where a handle left off still continues its stream.
+SEQUENTIAL_SLACK = 16 << 20
+FIRST_WINDOW = 4 << 20  # a registry answers in 10-30 ms: start a stream with more than a span
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class BlobReader:
         self._blobs: dict[str, _Blob] = {}
         self._failures: dict[str, int] = {}
         self._fds: dict[str, int] = {}
+        self._known: set[str] = set()  # digests seen committed (blobs are never removed under a mount)
         self._s = dict.fromkeys(ReaderStatistics.__dataclass_fields__, 0)
 
     def statistics(self) -> ReaderStatistics:
@@ -114,7 +119,16 @@ class BlobReader:
         return w.present.total() if w is not None else 0
 
     def committed(self, desc: Descriptor) -> bool:
-        return desc.digest in self._fds or self.store.path(desc.digest) is not None
+        # Hot path: no stat while this mount is the one fetching the blob, and none once it is known.
+        if desc.digest in self._fds or desc.digest in self._known:
+            return True
+        blob = self._blobs.get(desc.digest)
+        if blob is not None and not blob.writer.committed:
+            return False
+        if self.store.path(desc.digest) is not None:
+            self._known.add(desc.digest)
+            return True
+        return False
 
     def open(self, desc: Descriptor, inode: int) -> Handle:
         return Handle(inode, self._failures.get(desc.digest, 0))
@@ -163,12 +177,12 @@ class BlobReader:
             for serial, s, e, exc in blob.errors:
                 if serial > since and s < end and offset < e:
                     raise exc if isinstance(exc, ImagefsError) else RegistryError(f"{desc.ref_key}: {exc!r}")
-            present = blob.writer.present
-            if present.covers(offset, end) and not self.strict and not blob.writer.complete:
-                data = blob.writer.pread(offset, end - offset)
+            writer = blob.writer
+            if writer.present.covers(offset, end) and (writer.verified or not (self.strict or writer.complete)):
+                data = writer.pread(offset, end - offset)
                 self._count(data, "ingest_hits")
                 return data
-            if blob.writer.complete:
+            if writer.complete:
                 self._start_commit(blob)
             else:
                 self._schedule(blob, offset, end, handle.window if sequential else 0)
@@ -178,9 +192,12 @@ class BlobReader:
 
     def _track(self, handle: Handle, offset: int, end: int) -> bool:
         """Whether this read continues the handle's stream; widens or resets its window."""
-        # The kernel sends readahead out of order a little: tolerate a span of slack.
-        sequential = handle.next_offset - self.span <= offset <= handle.next_offset + self.span
-        handle.window = min(max(handle.window * 2, self.span), MAX_WINDOW) if sequential else 0
+        if handle.next_offset == 0:  # a first read starts a stream only at the start of the blob
+            sequential = offset < self.span
+        else:
+            slack = max(SEQUENTIAL_SLACK, handle.window)
+            sequential = handle.next_offset - slack <= offset <= handle.next_offset + slack
+        handle.window = min(max(handle.window * 2, FIRST_WINDOW), MAX_WINDOW) if sequential else 0
         handle.next_offset = max(handle.next_offset, end) if sequential else end
         return sequential
 
@@ -293,7 +310,9 @@ class BlobReader:
     async def _commit(self, blob: _Blob) -> None:
         desc, writer = blob.desc, blob.writer
         try:
-            await writer.commit({MEDIATYPE_LABEL: desc.media_type})
+            await writer.verify()  # readers waiting for the last bytes are served from here on
+            with trio.CancelScope(shield=True):  # an unmount lets a verified blob finish committing
+                await writer.commit({MEDIATYPE_LABEL: desc.media_type})
             log.info("committed %s (%d bytes)", desc.ref_key, desc.size)
         except Exception as exc:
             self._s["verify_failures"] += 1

@@ -11,7 +11,7 @@ import pytest
 from imagefs.testing import images as im
 from tests.support import Proxy, Registry
 
-SHARED_LAYER_SIZE = 3 * 1024 * 1024
+SHARED_LAYER_SIZE = 12 * 1024 * 1024  # larger than a first readahead window, so laziness shows
 
 
 @pytest.fixture(scope="session")

@@ -214,7 +214,9 @@ async def test_strict_serves_nothing_before_the_whole_blob_is_verified(store):
     async with trio.open_nursery() as bg:
         reader = BlobReader(store, fetcher, bg, span=SPAN, strict=True)
         assert await reader.read(desc, 0, 100) == data[:100]
-        assert store.path(desc.digest) is not None, "the first byte was served only after the commit"
+        assert reader.fetched(desc) == len(data), "the first byte was served only after the whole blob arrived"
+        writer = store.active(desc.ref_key)
+        assert store.path(desc.digest) is not None or writer.verified, "… and was verified"
     fetcher.corrupt.add(desc.digest)
     other = random.randbytes(1 << 20)
     bad = blob(other)

@@ -70,6 +70,17 @@ def assert_disjoint_ranges(hits, size: int) -> None:
     assert all(e1 == s2 for (_, e1), (s2, _) in zip(spans, spans[1:])), spans
 
 
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def manifest_gets(proxy) -> list[str]:
     return [h.path.rsplit("/", 1)[1] for h in proxy.gets("/manifests/")]
 
@@ -189,7 +200,8 @@ def test_layer_read_is_served_before_the_blob_completes(proxy, images, mnt, cach
         # reading on completes, verifies and commits it, fetching each byte once
         assert sha256sum(m.path(ref_key(shared), "blob")) == shared.digest.split(":")[1]
         assert proxy.bytes_sent(shared.digest) == shared.size
-        assert (cache_dir / "blobs" / "sha256" / shared.digest.split(":")[1]).exists()
+        # readers were served once the digest matched; the fsync and rename follow at once
+        assert wait_for(lambda: (cache_dir / "blobs" / "sha256" / shared.digest.split(":")[1]).exists())
 
 
 def test_second_mount_with_the_registry_stopped_serves_from_cache(registry, proxy, images, tmp_path, cache_dir):

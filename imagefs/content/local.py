@@ -174,6 +174,7 @@ class Writer:
         self.started = time.monotonic()
         self.started_at = now_rfc3339()
         self.error: BaseException | None = None
+        self.verified = False
         self.committed = False
         self.closed = False
         self.dir = store.ingests / ref
@@ -272,14 +273,26 @@ class Writer:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def commit(self, labels: dict[str, str] | None = None) -> Path:
-        """Check size and digest, then make the blob permanent; a mismatch discards it and raises."""
+    async def verify(self) -> None:
+        """Check size and digest of the complete ingest; raise :class:`DigestMismatch` if wrong.
+
+        Readers may be served from the ingest once this passes, before :meth:`commit` has paid
+        for the fsync.
+        """
+        if self.verified:
+            return
         if not self.complete:
             raise DigestMismatch(f"{self.ref}: got {self.present.total()} bytes, descriptor says {self.size}")
         await self.hash_prefix()
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
             raise DigestMismatch(f"{self.ref}: content has digest {actual}, expected {self.digest}")
+        self.verified = True
+        self._notify()
+
+    async def commit(self, labels: dict[str, str] | None = None) -> Path:
+        """Verify, then make the blob permanent; a mismatch raises (the caller aborts)."""
+        await self.verify()
         target = self.store.blobs / self.digest.split(":", 1)[1]
         await trio.to_thread.run_sync(os.fsync, self.fd)
         os.chmod(self.data_path, 0o444)

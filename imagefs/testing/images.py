@@ -305,7 +305,11 @@ def tar_layer(files: Mapping[str, bytes | FileEntry], *, compression: Compressio
 
 def random_bytes(size: int, seed: int) -> bytes:
     """Incompressible, seeded, reproducible bytes (what :func:`random_layer` stores)."""
-    return random.Random(seed).randbytes(size)
+    rng = random.Random(seed)
+    piece = 64 << 20  # randbytes cannot make 256 MiB or more at once
+    if size <= piece:
+        return rng.randbytes(size)
+    return b"".join(rng.randbytes(min(piece, size - i)) for i in range(0, size, piece))
 
 
 def random_layer(size: int, seed: int, *, path: str = "data/random.bin",
