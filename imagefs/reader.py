@@ -41,7 +41,12 @@ MAX_REQUESTS_PER_BLOB = 3
 # The kernel's async readahead reaches us reordered by several MiB (4 MiB readahead, up to 32
 # reads in flight): a read this close to where a handle left off still continues its stream.
 SEQUENTIAL_SLACK = 16 << 20
+CONTENDED_PATIENCE = 3.0  # seconds a read waits for another process's writer before reading around it
 FIRST_WINDOW = 4 << 20  # a registry answers in 10-30 ms: start a stream with more than a span
+
+
+class _Contended(Exception):
+    """Another process has held the blob's writer longer than a reader should wait."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class ReaderStatistics:
     bytes_served: int
     cache_hits: int  # reads served from committed blobs
     ingest_hits: int  # reads served from partial blobs
+    passthrough: int  # reads served straight from the registry while another process held the blob
     lock_waits: int  # waits for bytes someone else is fetching
     requests: int  # Range requests sent
     bytes_fetched: int
@@ -100,6 +106,7 @@ class BlobReader:
         self._blobs: dict[str, _Blob] = {}
         self._failures: dict[str, int] = {}
         self._fds: dict[str, int] = {}
+        self._warned: set[str] = set()
         self._known: set[str] = set()  # digests seen committed (blobs are never removed under a mount)
         self._s = dict.fromkeys(ReaderStatistics.__dataclass_fields__, 0)
 
@@ -169,7 +176,10 @@ class BlobReader:
                 raise DigestMismatch(f"{desc.ref_key} failed verification after this file was opened; open it again to refetch")
             if self.committed(desc):
                 return self.read_committed(desc, offset, end - offset)
-            blob = self._blobs.get(desc.digest) or await self._acquire(desc)
+            try:
+                blob = self._blobs.get(desc.digest) or await self._acquire(desc, patience=not self.strict)
+            except _Contended as exc:
+                return await self._read_around(desc, offset, end, exc)
             if blob is None:
                 continue  # committed meanwhile
             if since is None:
@@ -201,10 +211,12 @@ class BlobReader:
         handle.next_offset = max(handle.next_offset, end) if sequential else end
         return sequential
 
-    async def _acquire(self, desc: Descriptor) -> _Blob | None:
+    async def _acquire(self, desc: Descriptor, patience: bool = False) -> _Blob | None:
         """The shared state of a blob being fetched: take the store's writer, backing off while
-        another holder (another process, or a whole-blob fetch) has it."""
+        another holder (another process, or a whole-blob fetch) has it. With ``patience``, give up
+        after :data:`CONTENDED_PATIENCE` seconds by raising :class:`_Contended`."""
         backoff = Backoff()
+        give_up = trio.current_time() + CONTENDED_PATIENCE
         while True:
             if desc.digest in self._blobs:
                 return self._blobs[desc.digest]
@@ -216,6 +228,8 @@ class BlobReader:
                 self._s["lock_waits"] += 1
                 if backoff.waits == 0:
                     log.debug("waiting: %s", exc)
+                if patience and trio.current_time() > give_up:
+                    raise _Contended(str(exc)) from exc
                 await backoff.wait()
                 continue
             blob = self._blobs[desc.digest] = _Blob(desc, writer)
@@ -223,6 +237,21 @@ class BlobReader:
                 self._schedule(blob, 0, desc.size, MAX_WINDOW)
             self._after_write(blob)  # a resumed ingest may be complete already
             return blob
+
+    async def _read_around(self, desc: Descriptor, offset: int, end: int, why: _Contended) -> bytes:
+        """Serve a read straight from the registry, caching nothing: another process holds the
+        blob's ingest (containerd allows one writer) and a reader must not wait on it forever."""
+        if desc.digest not in self._warned:
+            self._warned.add(desc.digest)
+            log.info("%s; reading around it without caching", why)
+        buf = bytearray()
+        async with self.fetcher.open(desc, offset, end) as stream:
+            async for chunk in stream:
+                buf += chunk
+        self._s["requests"] += 1
+        self._s["bytes_fetched"] += len(buf)
+        self._count(bytes(buf), "passthrough")
+        return bytes(buf)
 
     # -- fetching -------------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@
     CACHE/ingest/<ref key>/         data (sparse, written at offsets) and state: which ranges are present
     CACHE/refs/<registry>/<repository>/<tag>.json   a tag's last resolution
 
-Writer locks live in this process (one :class:`Writer` per ref key); a second caller gets
-:class:`Unavailable` and backs off, as containerd's fetch does.
+One :class:`Writer` per ref key: in this process by a table, across processes sharing the cache by
+an ``flock`` (:mod:`.filelock`); a second caller gets :class:`Unavailable` saying who holds the ref
+and for how long, and backs off, as containerd's fetch does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import trio
 
 from ..errors import AlreadyExists, DigestMismatch, ImagefsError, Unavailable
+from . import filelock
 from .ranges import RangeSet
 from .store import Info
 
@@ -89,7 +91,17 @@ class LocalStore:
                 f"ref {ref} locked for {time.monotonic() - holder.started:.1f}s "
                 f"(since {holder.started_at}, {holder.present.total()}/{holder.size} bytes present)"
             )
-        w = Writer(self, ref, size, digest)
+        lock = filelock.try_lock(self.root, ref)  # and one writer per ref across processes
+        if lock is None:
+            raise filelock.unavailable(self.root, ref)
+        if self.path(digest) is not None:  # committed by the holder we just followed
+            lock.close()
+            raise AlreadyExists(f"content {digest}: already exists")
+        try:
+            w = Writer(self, ref, size, digest, lock)
+        except BaseException:
+            lock.close()
+            raise
         self._writers[ref] = w
         return w
 
@@ -169,8 +181,9 @@ class Writer:
     :meth:`suspend` keeps it for a later process.
     """
 
-    def __init__(self, store: LocalStore, ref: str, size: int, digest: str) -> None:
+    def __init__(self, store: LocalStore, ref: str, size: int, digest: str, lock: filelock.Lock | None = None) -> None:
         self.store, self.ref, self.size, self.digest = store, ref, size, digest
+        self.lock = lock
         self.started = time.monotonic()
         self.started_at = now_rfc3339()
         self.error: BaseException | None = None
@@ -300,8 +313,8 @@ class Writer:
         self.committed = True
         if labels:
             self.store.update_labels(self.digest, labels)
-        self._close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._close()
         return target
 
     def abort(self, error: BaseException) -> None:
@@ -309,8 +322,8 @@ class Writer:
         if self.committed or self.closed:
             return
         self.error = error
+        shutil.rmtree(self.dir, ignore_errors=True)  # before the lock goes: no one sees half of it
         self._close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def suspend(self) -> None:
         """Stop writing but keep what is present, for the next process to resume."""
@@ -323,6 +336,8 @@ class Writer:
     def _close(self) -> None:
         self.closed = True
         self.store._release(self)
+        if self.lock is not None:
+            self.lock.close()
         if self._ops == 0:
             self._close_fd()
         self._notify()
