@@ -134,3 +134,14 @@ def test_corrupted_range_is_detected_at_completion(proxy, images, mnt, cache_dir
         # the mount lives on: other blobs read fine
         other = images.amd.layers[0]
         assert blob_path(m, other).read_bytes() == other.data
+
+
+def test_prefetch_completes_the_selected_layers_without_a_reader(proxy, images, mnt, cache_dir):
+    with Mount(f"{proxy.host}/test/oci:v1", mnt, cache_dir, *AMD64, "--prefetch") as m:
+        for layer in images.amd.layers:
+            assert wait_for(lambda: (cache_dir / "blobs" / "sha256" / layer.digest.split(":")[1]).exists(), timeout=30)
+            assert proxy.bytes_sent(layer.digest) == layer.size
+        assert "prefetch complete: 3 layers" in m.log_text()
+        # the other platform's own layer was not fetched
+        arm_only = images.arm.layers[-1]
+        assert proxy.bytes_sent(arm_only.digest) == 0
