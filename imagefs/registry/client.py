@@ -4,17 +4,31 @@ It resolves a reference to a descriptor (``HEAD``, then ``GET`` where a registry
 ``HEAD``), fetches manifests by digest and verifies them before anyone sees them, and streams
 blobs, asking for closed ranges only: some registries refuse ``bytes=N-`` and some break when
 asked past the end. Transport errors become the :mod:`imagefs.errors` tree here.
+
+The network is not trusted to behave. Every request goes to the hosts :mod:`.hosts` lists —
+mirrors first, the registry last — falling back to the next host when one fails; each host gets
+retries with jittered backoff (:mod:`.retry`) for 429, 5xx, resets and timeouts. A blob stream cut
+in the middle resumes from the byte where it stopped, with a closed ``Range``, on the host that
+was serving it, and a host that ignores ``Range`` or answers 416 still yields the right bytes:
+callers of :meth:`RegistryClient.open` see one stream of exactly the bytes they asked for, or an
+:class:`~imagefs.errors.ImagefsError`. Redirects (Docker Hub sends blobs to a CDN) are followed
+by httpx, which keeps ``Range`` and drops ``Authorization`` when the origin changes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import ssl
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
+import trio
 
 from ..descriptors import (
     ACCEPT_MANIFESTS,
@@ -29,6 +43,7 @@ from ..descriptors import (
 )
 from ..errors import (
     DigestMismatch,
+    ImagefsError,
     InvalidManifest,
     NotFound,
     RegistryError,
@@ -37,17 +52,68 @@ from ..errors import (
 )
 from ..reference import Reference
 from .auth import Credentials, RegistryAuth
+from .credentials import ssl_context, tls_failure
+from .hosts import LOOPBACK_HOSTS, Endpoint, endpoints, uses_plain_http
+from .retry import FALLBACK_ATTEMPTS, FETCH, RESOLVE, RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
+
+__all__ = ["RegistryClient", "uses_plain_http", "LOOPBACK_HOSTS"]
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
-CHUNK = 1 << 20
+#: How long a mirror that could not be reached is left out before it is tried again.
+MIRROR_COOLDOWN = 30.0
+#: Error bodies are read for the registry's message, never more than this.
+MAX_ERROR_BODY = 64 * 1024
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+T = TypeVar("T")
 
 
-def uses_plain_http(host: str, plain_http: bool) -> bool:
-    """HTTP only when asked, or for a registry on this machine (as Docker treats localhost)."""
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    return plain_http or hostname in LOOPBACK_HOSTS
+class _HideSecrets(logging.Filter):
+    """At ``--debug`` httpx logs every request's URL and httpcore every response's headers. A
+    redirect to a CDN carries a signature in its query string — a credential for a while — and a
+    ``Set-Cookie`` may hold a session: log URLs without their query and cookies without value."""
+
+    _QUERY = re.compile(r"(https?://[^\s'\"?]+)\?[^\s'\"]*")
+    _COOKIE = re.compile(r"(\(b'set-cookie', b')[^']*(')", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) and a.query for a in record.args):
+            record.args = tuple(str(a.copy_with(query=None)) + "?…" if isinstance(a, httpx.URL) and a.query else a
+                                for a in record.args)
+        if isinstance(record.msg, str) and ("?" in record.msg or "et-cookie" in record.msg.lower()):
+            record.msg = self._COOKIE.sub(r"\1…\2", self._QUERY.sub(r"\1?…", record.msg))
+        return True
+
+
+for _name in ("httpx", "httpcore.http11", "httpcore.http2"):
+    logging.getLogger(_name).addFilter(_HideSecrets())
+
+
+@dataclass(eq=False)
+class _Host:
+    """An endpoint and the httpx client that reaches it; ``role`` is registry, mirror or url."""
+
+    endpoint: Endpoint
+    http: httpx.AsyncClient
+    role: str
+
+    @property
+    def upstream(self) -> bool:
+        return self.role == "registry"
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} {self.endpoint.origin}"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One URL a blob may come from."""
+
+    host: _Host
+    url: str
+    kind: str  # "blobs", "manifests" or "url" (a foreign layer's own URL)
 
 
 class RegistryClient:
@@ -60,30 +126,58 @@ class RegistryClient:
         plain_http: bool = False,
         insecure: bool = False,
         ca_file: str | None = None,
+        cert_dir: str | None = None,
         credentials: Credentials | None = None,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        mirrors: Sequence[str] = (),
+        hosts_dir: Path | str | None = None,
+        retry: RetryPolicy = FETCH,
+        resolve_retry: RetryPolicy = RESOLVE,
     ) -> None:
         self.ref = ref
         scheme = "http" if uses_plain_http(ref.host, plain_http) else "https"
         self.base = f"{scheme}://{ref.host}/v2/{ref.repository}"
-        tls: bool | ssl.SSLContext = True
-        if insecure:
-            tls = False
-        elif ca_file:
-            tls = ssl.create_default_context(cafile=ca_file)
+        tls: bool | ssl.SSLContext = ssl_context(ca_file, insecure, cert_dir)
+        self._auth = RegistryAuth(credentials)
         self._http = httpx.AsyncClient(
-            auth=RegistryAuth(credentials),
+            auth=self._auth,
             verify=tls,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
             transport=transport,
             headers={"User-Agent": "imagefs/0.1"},
         )
+        self.timeout = timeout
+        self.retry = retry
+        self.resolve_retry = resolve_retry
         self.requests = 0
         self.bytes_received = 0
+        found = endpoints(ref.registry, f"{scheme}://{ref.host}", mirrors=mirrors, hosts_dir=hosts_dir, plain_http=plain_http)
+        self._hosts = [self._host(ep, "registry" if i == len(found) - 1 else "mirror", transport)
+                       for i, ep in enumerate(found)]
+        self._down_until: dict[str, float] = {}
+        if len(self._hosts) > 1:
+            log.info("%s: trying %s", ref.registry, ", then ".join(h.label for h in self._hosts))
+
+    def _host(self, ep: Endpoint, role: str, transport: httpx.AsyncBaseTransport | None) -> _Host:
+        """A host shares the mount's client (its TLS options, its auth) unless hosts.toml sets its own."""
+        if not ep.own_tls and ep.dial_timeout is None:
+            return _Host(ep, self._http, role)
+        connect = ep.dial_timeout if ep.dial_timeout is not None else min(self.timeout, 10.0)
+        http = httpx.AsyncClient(
+            auth=self._auth,
+            verify=ep.tls(),
+            timeout=httpx.Timeout(self.timeout, connect=connect),
+            follow_redirects=True,
+            transport=transport,
+            headers={"User-Agent": "imagefs/0.1"},
+        )
+        return _Host(ep, http, role)
 
     async def aclose(self) -> None:
+        for client in {id(h.http): h.http for h in self._hosts if h.http is not self._http}.values():
+            await client.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> "RegistryClient":
@@ -95,11 +189,22 @@ class RegistryClient:
     # -- resolution -----------------------------------------------------------------------------
 
     async def resolve(self, obj: str | None = None) -> Descriptor:
-        """The descriptor a tag or digest names now (``HEAD`` costs no pull on Docker Hub)."""
+        """The descriptor a tag or digest names now (``HEAD`` costs no pull on Docker Hub).
+
+        A tag is resolved only by hosts trusted to (``resolve``); a digest by any ``pull`` host,
+        since what it names is verified. 502/503/504 and timeouts are retried briefly, then raise
+        :class:`RegistryUnreachable` so a mount can fall back to the tag it remembers.
+        """
         obj = obj or self.ref.object
-        url = f"{self.base}/manifests/{obj}"
-        headers = {"Accept": ACCEPT_MANIFESTS}
-        resp = await self._send("HEAD", url, headers=headers)
+        need = {"pull"} if obj.startswith("sha256:") else {"pull", "resolve"}
+        return await self._each_host(need, f"manifest {obj}", lambda host, last: self._resolve_at(host, obj, last))
+
+    async def _resolve_at(self, host: _Host, obj: str, last: bool) -> Descriptor:
+        policy = self.resolve_retry if last else self.resolve_retry.with_attempts(FALLBACK_ATTEMPTS)
+        what = f"manifest {obj}"
+        resp = await self._request(host, "HEAD", host.endpoint.url(self.ref.repository, "manifests", obj),
+                                   headers={"Accept": ACCEPT_MANIFESTS}, what=what, retrier=Retrier(policy, f"HEAD at {host.label}"))
+        await resp.aclose()
         if resp.status_code == 200:
             digest = resp.headers.get("docker-content-digest")
             length = resp.headers.get("content-length")
@@ -111,12 +216,12 @@ class RegistryClient:
                 if obj.startswith("sha256:") and digest != obj:
                     raise DigestMismatch(f"{self.ref.name}: registry answered {digest} for {obj}")
                 return Descriptor(media_type, digest, int(length))
-        elif resp.status_code not in (400, 405, 501) and resp.status_code != 404:
-            self._raise_for(resp, f"manifest {obj}")
         elif resp.status_code == 404:
             raise NotFound(f"{self.ref.name}:{obj}: manifest unknown (the registry has no such tag or digest)")
+        elif resp.status_code not in (400, 405, 501):
+            raise await self._status_error(resp, what, host)
         # HEAD refused or incomplete: GET it, and hash what we got.
-        data, media_type = await self._get_manifest(obj)
+        data, media_type = await self._get_manifest_at(host, obj, policy)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if obj.startswith("sha256:") and digest != obj:
             raise DigestMismatch(f"{self.ref.name}: manifest {obj} has digest {digest}")
@@ -124,129 +229,409 @@ class RegistryClient:
 
     async def fetch_manifest(self, desc: Descriptor) -> bytes:
         """A manifest or index by digest, verified against ``desc`` before it is returned."""
-        data, _ = await self._get_manifest(desc.digest)
-        verify(desc, data)
-        return data
 
-    async def _get_manifest(self, obj: str) -> tuple[bytes, str]:
-        url = f"{self.base}/manifests/{obj}"
-        async with self._stream("GET", url, headers={"Accept": ACCEPT_MANIFESTS}, what=f"manifest {obj}") as resp:
-            length = resp.headers.get("content-length")
-            if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-                raise InvalidManifest(f"{self.ref.name}@{obj}: manifest of {length} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
-            buf = bytearray()
-            async for chunk in resp.aiter_bytes():
-                buf += chunk
-                if len(buf) > MAX_MANIFEST_SIZE:
-                    raise InvalidManifest(f"{self.ref.name}@{obj}: manifest exceeds the {MAX_MANIFEST_SIZE} byte limit")
-            media_type = sniff_media_type(bytes(buf), resp.headers.get("content-type"))
-        check_supported(media_type)
-        self.bytes_received += len(buf)
-        return bytes(buf), media_type
+        async def at(host: _Host, last: bool) -> bytes:
+            policy = self.retry if last else self.retry.with_attempts(FALLBACK_ATTEMPTS)
+            data, _ = await self._get_manifest_at(host, desc.digest, policy)
+            verify(desc, data)
+            return data
+
+        return await self._each_host({"pull"}, f"manifest {desc.digest}", at)
+
+    async def _get_manifest_at(self, host: _Host, obj: str, policy: RetryPolicy) -> tuple[bytes, str]:
+        """GET a manifest; a body cut short is asked again, a whole one never (pulls are counted)."""
+        what = f"manifest {obj}"
+        retrier = Retrier(policy, f"GET at {host.label}")
+        url = host.endpoint.url(self.ref.repository, "manifests", obj)
+        while True:
+            resp = await self._request(host, "GET", url, headers={"Accept": ACCEPT_MANIFESTS}, what=what, retrier=retrier)
+            if resp.status_code != 200:
+                raise await self._status_error(resp, what, host)
+            try:
+                data, media_type = await self._read_manifest(resp, obj)
+            except httpx.TransportError as exc:
+                error = self._transport_error(exc, host)
+                if retryable_transport(exc) and await retrier.wait(error):
+                    continue
+                raise retrier.gave_up(error) from exc
+            finally:
+                await resp.aclose()
+            check_supported(media_type)
+            self.bytes_received += len(data)
+            return data, media_type
+
+    async def _read_manifest(self, resp: httpx.Response, obj: str) -> tuple[bytes, str]:
+        length = resp.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+            raise InvalidManifest(f"{self.ref.name}@{obj}: manifest of {length} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            buf += chunk
+            if len(buf) > MAX_MANIFEST_SIZE:
+                raise InvalidManifest(f"{self.ref.name}@{obj}: manifest exceeds the {MAX_MANIFEST_SIZE} byte limit")
+        return bytes(buf), sniff_media_type(bytes(buf), resp.headers.get("content-type"))
 
     # -- blobs ----------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def open(self, desc: Descriptor, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Stream ``desc``'s bytes ``[start, end)``; the caller verifies (the store does, at commit).
+        """Stream exactly ``desc``'s bytes ``[start, end)``; the caller verifies (the store does, at commit).
 
         Manifests come from ``/manifests/``, layers and configs from ``/blobs/``. Anything else
         (artifacts, signatures) is tried at ``/blobs/`` and then ``/manifests/``, since registries
-        store many artifacts as manifests.
+        store many artifacts as manifests. A layer none of the hosts has is fetched from the
+        descriptor's ``urls`` (foreign and non-distributable layers). The first request is made
+        on entry, so a blob that is nowhere raises here; later failures raise from the iterator.
         """
         end = desc.size if end is None else min(end, desc.size)
+        stream = _BlobStream(self, desc, start, end)
+        chunks = stream.chunks()
+        try:
+            if start < end:
+                await stream.connect()
+            yield chunks
+        finally:
+            await chunks.aclose()
+            await stream.drop()
+
+    def _blob_sources(self, desc: Descriptor) -> list[_Source]:
         if has_children(desc):
             kinds = ["manifests"]
         elif desc.media_type in LAYER_TYPES or desc.media_type in CONFIG_TYPES:
             kinds = ["blobs"]
         else:
             kinds = ["blobs", "manifests"]
-        headers = {}
-        ranged = start > 0 or end < desc.size
-        if ranged:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        for i, kind in enumerate(kinds):
-            if kind == "manifests":
-                headers["Accept"] = f"{desc.media_type}, {ACCEPT_MANIFESTS}"
+        sources = [
+            _Source(host, host.endpoint.url(self.ref.repository, kind, desc.digest), kind)
+            for host in self._hosts_for({"pull"})
+            for kind in kinds
+        ]
+        upstream = self._hosts[-1]
+        for url in desc.urls:
+            if urlsplit(url).scheme in ("http", "https"):
+                origin = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+                sources.append(_Source(_Host(Endpoint(origin + "/v2"), upstream.http, "url"), url, "url"))
+        return sources
+
+    # -- hosts and fallback ---------------------------------------------------------------------
+
+    def _hosts_for(self, capabilities: set[str]) -> list[_Host]:
+        """Hosts able to do this, in order; mirrors found unreachable lately are left out."""
+        able = [h for h in self._hosts if capabilities <= h.endpoint.capabilities]
+        if not able:
+            raise RegistryError(f"{self.ref.registry}: no configured host may {' and '.join(sorted(capabilities))} "
+                                f"(see the capabilities in hosts.toml)")
+        now = trio.current_time()
+        return [h for h in able[:-1] if self._down_until.get(h.endpoint.root, 0.0) <= now] + able[-1:]
+
+    def _failed_over(self, host: _Host, error: ImagefsError, nxt: _Host | str) -> None:
+        """Log a fallback; a mirror that could not be reached is left out for a while."""
+        if isinstance(error, RegistryUnreachable) and not host.upstream:
+            self._down_until[host.endpoint.root] = trio.current_time() + MIRROR_COOLDOWN
+            log.info("%s: %s; falling back to %s (and skipping this mirror for %.0f s)",
+                     host.label, error, nxt if isinstance(nxt, str) else nxt.label, MIRROR_COOLDOWN)
+        else:
+            log.info("%s: %s; falling back to %s", host.label, error, nxt if isinstance(nxt, str) else nxt.label)
+
+    async def _each_host(self, capabilities: set[str], what: str, op: Callable[[_Host, bool], Awaitable[T]]) -> T:
+        hosts = self._hosts_for(capabilities)
+        for i, host in enumerate(hosts):
+            last = i == len(hosts) - 1
             try:
-                async with self._stream("GET", f"{self.base}/{kind}/{desc.digest}", headers=headers, what=f"blob {desc.digest}") as resp:
-                    if ranged and resp.status_code == 200:
-                        # The registry ignored Range: skip to where we wanted to be.
-                        yield self._slice(resp, start, end)
-                    else:
-                        yield self._chunks(resp, end - start)
-                    return
-            except NotFound:
-                if i == len(kinds) - 1:
+                return await op(host, last)
+            except ImagefsError as exc:
+                if last:
                     raise
-
-    async def _chunks(self, resp: httpx.Response, limit: int) -> AsyncIterator[bytes]:
-        got = 0
-        try:
-            async for chunk in resp.aiter_raw(CHUNK):
-                if got + len(chunk) > limit:
-                    chunk = chunk[: limit - got]
-                got += len(chunk)
-                self.bytes_received += len(chunk)
-                yield chunk
-                if got >= limit:
-                    return
-        except httpx.TransportError as exc:
-            raise RegistryError(f"{self.ref.name}: connection lost after {got} bytes: {exc!r}") from exc
-        if got < limit:
-            raise RegistryError(f"{self.ref.name}: registry closed the stream after {got} of {limit} bytes")
-
-    async def _slice(self, resp: httpx.Response, start: int, end: int) -> AsyncIterator[bytes]:
-        pos = 0
-        async for chunk in self._chunks(resp, end):
-            lo, hi = max(start - pos, 0), len(chunk)
-            pos += len(chunk)
-            if lo < hi:
-                yield chunk[lo:hi]
+                self._failed_over(host, exc, hosts[i + 1])
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    async def _send(self, method: str, url: str, **kw) -> httpx.Response:
-        self.requests += 1
-        try:
-            return await self._http.request(method, url, **kw)
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
+    async def _request(self, host: _Host, method: str, url: str, *, headers: dict[str, str], what: str,
+                       retrier: Retrier, params: dict[str, str] | None = None) -> httpx.Response:
+        """Send until an answer that is not worth retrying; the caller reads and closes it.
 
-    @asynccontextmanager
-    async def _stream(self, method: str, url: str, *, what: str, **kw) -> AsyncIterator[httpx.Response]:
-        self.requests += 1
-        try:
-            async with self._http.stream(method, url, **kw) as resp:
-                if resp.status_code not in (200, 206):
-                    await resp.aread()
-                    self._raise_for(resp, what)
-                yield resp
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
+        429, 500, 502, 503 and 504 are retried (429 and 503 after their ``Retry-After``), as are
+        resets and timeouts; what is left when the retrier gives up is raised as our error.
+        """
+        all_headers = httpx.Headers(list(host.endpoint.headers))
+        all_headers.update(headers)
+        params = host.endpoint.params() if params is None else params
+        while True:
+            self.requests += 1
+            request = host.http.build_request(method, url, headers=all_headers, params=params or None)
+            try:
+                resp = await host.http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                error = self._transport_error(exc, host)
+                if retryable_transport(exc, connect_timeout=host.upstream) and await retrier.wait(error):
+                    continue
+                raise retrier.gave_up(error) from exc
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # too many redirects, a bad Location
+                raise RegistryError(f"{host.label}: {what}: {_reason(exc)}") from exc
+            _log_rate_limit(host, resp)
+            if resp.status_code not in RETRY_STATUSES:
+                return resp
+            error = await self._status_error(resp, what, host)
+            hint = parse_retry_after(resp.headers.get("retry-after")) if resp.status_code in (429, 503) else None
+            if await retrier.wait(error, hint):
+                continue
+            raise retrier.gave_up(error)
 
-    def _transport_error(self, exc: httpx.TransportError) -> RegistryError:
+    async def _status_error(self, resp: httpx.Response, what: str, host: _Host | None = None) -> ImagefsError:
+        """The error an unwanted answer means, with the registry's own message when it sent one.
+
+        The body is read briefly and tolerantly: docker-registry answers 416 with a
+        ``Content-Length`` its body does not fill, and that must not look like a network failure.
+        """
+        body = bytearray()
+        try:
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_ERROR_BODY:
+                    break
+        except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
+            pass
+        finally:
+            await resp.aclose()
+        headers = [(k, v) for k, v in resp.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        plain = httpx.Response(resp.status_code, headers=headers, content=bytes(body), request=resp.request)
+        try:
+            self._raise_for(plain, what, host=host.endpoint.netloc if host is not None else None)
+        except ImagefsError as exc:
+            return exc
+        return RegistryError(f"{self.ref.name}: {what}: registry answered {resp.status_code}")  # pragma: no cover
+
+    def _transport_error(self, exc: httpx.TransportError, host: _Host | None = None) -> RegistryError:
+        netloc = host.endpoint.netloc if host is not None else self.ref.host
         if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return RegistryUnreachable(f"cannot reach registry {self.ref.host}: {_reason(exc)}")
-        return RegistryError(f"registry {self.ref.host}: {_reason(exc)}")
+            return RegistryUnreachable(f"cannot reach registry {netloc}: {_reason(exc)}")
+        if isinstance(exc, httpx.TimeoutException):
+            return RegistryUnreachable(f"registry {netloc}: no answer within {self.timeout:g} s ({type(exc).__name__})")
+        return RegistryError(f"registry {netloc}: {_reason(exc)}")
 
-    def _raise_for(self, resp: httpx.Response, what: str) -> None:
+    def _raise_for(self, resp: httpx.Response, what: str, *, host: str | None = None) -> None:
         code = resp.status_code
         detail = _error_detail(resp)
         if code == 404:
             raise NotFound(f"{self.ref.name}: {what} not found{detail}")
         if code in (401, 403):
-            raise Unauthorized(f"access denied to {self.ref.name} (anonymous){detail}")
+            raise Unauthorized(f"access denied to {self.ref.name} ({self._auth.identity}){detail}")
         if code == 429:
             raise RegistryError(f"{self.ref.name}: rate limited by the registry (429){detail}")
         if code in (502, 503, 504):
             # A gateway with no registry behind it: as good as unreachable.
-            raise RegistryUnreachable(f"registry {self.ref.host} unavailable: {what}: answered {code}{detail}")
+            raise RegistryUnreachable(f"registry {host or self.ref.host} unavailable: {what}: answered {code}{detail}")
         raise RegistryError(f"{self.ref.name}: {what}: registry answered {code}{detail}")
 
 
+class _BlobStream:
+    """Bytes ``[pos, end)`` of one blob as one stream, whatever the network does in between.
+
+    Sources are tried in order (see :meth:`RegistryClient._blob_sources`): on ``NotFound`` the
+    next one, on another failure the next *host*. A body cut short is asked for again from
+    ``pos`` with ``Range: bytes=pos-(end-1)`` on the same source, so nothing already received is
+    fetched twice; an answer that starts before ``pos`` (a 200 from a server that ignores Range,
+    or a 206 wider than asked) is skipped up to it; a 416 gets one more try without Range.
+    """
+
+    def __init__(self, client: RegistryClient, desc: Descriptor, start: int, end: int) -> None:
+        self.client = client
+        self.desc = desc
+        self.pos = start
+        self.end = end
+        self.what = f"blob {desc.digest}"
+        self.sources: list[_Source] | None = None
+        self.index = 0
+        self.errors: list[ImagefsError] = []
+        self.resp: httpx.Response | None = None
+        self.raw: AsyncIterator[bytes] | None = None
+        self.skip = 0
+        self.whole = False  # after a 416 or a wrong range: ask this source for whole bodies
+        self.retrier: Retrier | None = None
+
+    @property
+    def source(self) -> _Source:
+        assert self.sources is not None
+        return self.sources[self.index]
+
+    async def connect(self) -> None:
+        """Have ``self.resp`` positioned at ``pos``: on the current source, else the next ones."""
+        if self.sources is None:
+            self.sources = self.client._blob_sources(self.desc)
+        while True:
+            try:
+                await self._open(self.source)
+                return
+            except ImagefsError as exc:
+                await self._fail_over(exc)
+
+    async def _fail_over(self, error: ImagefsError) -> None:
+        """Move to the next source that may help, or raise the error that explains most."""
+        assert self.sources is not None
+        self.errors.append(error)
+        current = self.source
+        nxt = self.index + 1
+        if not isinstance(error, NotFound):  # this host is failing: its other paths will too
+            while nxt < len(self.sources) and self.sources[nxt].host is current.host:
+                nxt += 1
+        if nxt >= len(self.sources):
+            # A NotFound from a last resort (a foreign URL) should not hide that the registry failed.
+            worst = [e for e in self.errors if not isinstance(e, NotFound)]
+            raise (worst or self.errors)[-1]
+        if current.host is not self.sources[nxt].host:
+            nxt_source = self.sources[nxt]
+            target = nxt_source.host if nxt_source.kind != "url" else _origin(nxt_source.url)
+            self.client._failed_over(current.host, error, target)
+        self.index = nxt
+        self.retrier = None
+        self.whole = False
+
+    def _retrier_for(self, source: _Source) -> Retrier:
+        assert self.sources is not None
+        last_host = self.sources[-1].host
+        policy = self.client.retry
+        if source.host is not last_host:
+            policy = policy.with_attempts(FALLBACK_ATTEMPTS)
+        return Retrier(policy, f"GET at {source.host.label}")
+
+    async def _open(self, source: _Source) -> None:
+        if self.retrier is None:
+            self.retrier = self._retrier_for(source)
+        client = self.client
+        while True:
+            headers = {"Accept-Encoding": "identity"}  # a CDN must not gzip the bytes we hash
+            if source.kind == "manifests":
+                headers["Accept"] = f"{self.desc.media_type}, {ACCEPT_MANIFESTS}"
+            ranged = not self.whole and (self.pos > 0 or self.end < self.desc.size)
+            if ranged:
+                headers["Range"] = f"bytes={self.pos}-{self.end - 1}"
+            params = None if source.kind != "url" else {}
+            resp = await client._request(source.host, "GET", source.url, headers=headers, what=self.what,
+                                         retrier=self.retrier, params=params)
+            status = resp.status_code
+            if status == 206:
+                first = _range_start(resp.headers.get("content-range"))
+                if first is None:
+                    first = self.pos if ranged else 0
+                if first > self.pos:
+                    await resp.aclose()
+                    if self.whole:
+                        raise RegistryError(f"{client.ref.name}: {self.what}: registry sent a range starting at "
+                                            f"{first} for a request of the whole blob")
+                    log.debug("%s: asked for bytes from %d, got a range from %d; asking for the whole blob",
+                              self.what, self.pos, first)
+                    self.whole = True
+                    continue
+                self.skip = self.pos - first
+                total = _range_total(resp.headers.get("content-range"))
+            elif status == 200:
+                if ranged:
+                    log.debug("%s: %s ignored Range; skipping %d bytes", self.what, source.host.label, self.pos)
+                self.skip = self.pos
+                length = resp.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+            elif status == 416 and not self.whole:
+                error = await client._status_error(resp, self.what, source.host)
+                log.debug("%s: 416 for bytes=%d-%d (%s); asking for the whole blob", self.what, self.pos, self.end - 1, error)
+                self.whole = True
+                continue
+            else:
+                raise await client._status_error(resp, self.what, source.host)
+            mismatch = self._mismatch(resp, total)
+            if mismatch is not None:
+                await resp.aclose()
+                raise mismatch
+            self.resp = resp
+            self.raw = resp.aiter_raw()  # no chunk_size: re-chunking copies every byte (measured 2.5x slower)
+            return
+
+    def _mismatch(self, resp: httpx.Response, total: int | None) -> RegistryError | None:
+        """A host whose blob is encoded or has another size than the descriptor's cannot have our bytes."""
+        encoding = resp.headers.get("content-encoding", "identity")
+        if encoding != "identity":
+            return RegistryError(f"{self.source.host.label}: {self.what}: sent with Content-Encoding {encoding}, "
+                                 "not as the blob's own bytes")
+        if total is not None and total != self.desc.size:
+            return RegistryError(f"{self.source.host.label}: {self.what}: the host's blob has {total} bytes, "
+                                 f"the descriptor says {self.desc.size}")
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while self.pos < self.end:
+            if self.resp is None:
+                await self.connect()
+            assert self.raw is not None and self.retrier is not None
+            try:
+                chunk: bytes | None = await self.raw.__anext__()
+            except StopAsyncIteration:
+                chunk = None
+            except httpx.TransportError as exc:
+                await self.drop()
+                error = RegistryError(f"{self.what} from {self.source.host.endpoint.netloc}: connection lost at byte "
+                                      f"{self.pos} of {self.end}: {_reason(exc)}")
+                if isinstance(exc, httpx.TimeoutException):
+                    error = self.client._transport_error(exc, self.source.host)
+                if retryable_transport(exc) and await self.retrier.wait(error):
+                    continue
+                await self._fail_over(self.retrier.gave_up(error))
+                continue
+            if chunk is None:
+                await self.drop()
+                error = RegistryError(f"{self.what} from {self.source.host.endpoint.netloc}: the stream ended at byte "
+                                      f"{self.pos} of {self.end}")
+                if await self.retrier.wait(error):
+                    continue
+                await self._fail_over(self.retrier.gave_up(error))
+                continue
+            if self.skip:
+                if len(chunk) <= self.skip:
+                    self.skip -= len(chunk)
+                    continue
+                chunk = chunk[self.skip:]
+                self.skip = 0
+            chunk = chunk[: self.end - self.pos]
+            self.pos += len(chunk)
+            self.client.bytes_received += len(chunk)
+            self.retrier.progress()
+            yield chunk
+        await self.drop()
+
+    async def drop(self) -> None:
+        """Let go of the current response (its connection is not reused after a partial read)."""
+        raw, self.raw = self.raw, None
+        resp, self.resp = self.resp, None
+        if raw is not None:
+            await raw.aclose()  # type: ignore[attr-defined]
+        if resp is not None:
+            await resp.aclose()
+
+
+def _range_start(value: str | None) -> int | None:
+    match = _CONTENT_RANGE.match(value or "")
+    return int(match.group(1)) if match else None
+
+
+def _range_total(value: str | None) -> int | None:
+    match = _CONTENT_RANGE.match(value or "")
+    return int(match.group(3)) if match and match.group(3).isdigit() else None
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _log_rate_limit(host: _Host, resp: httpx.Response) -> None:
+    """Docker Hub's pull allowance (``ratelimit-limit: 100;w=21600``), for ``--debug``."""
+    limit, remaining = resp.headers.get("ratelimit-limit"), resp.headers.get("ratelimit-remaining")
+    if limit or remaining:
+        log.debug("%s: rate limit: ratelimit-remaining %s, ratelimit-limit %s", host.label, remaining or "?", limit or "?")
+
+
 def _reason(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
+    text = tls_failure(exc) or str(exc) or type(exc).__name__
     return text.splitlines()[0]
 
 
