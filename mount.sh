@@ -36,7 +36,7 @@ install_system() {
 
 install_python() {
     if "$PYTHON" - <<'PY' 2>/dev/null; then return 0; fi
-import importlib.metadata as m, pyfuse3, trio, httpx, pytest, pytest_trio, hypothesis  # noqa
+import importlib.metadata as m, pyfuse3, trio, httpx, rich, indexed_gzip, zstandard, pytest, pytest_trio, hypothesis, cryptography, bcrypt  # noqa
 import imagefs, os
 assert os.path.samefile(os.path.dirname(imagefs.__file__), os.path.join(os.getcwd(), "imagefs"))
 PY
@@ -81,10 +81,20 @@ push_demo() {
     "$PYTHON" -m imagefs.testing.demo --registry "127.0.0.1:$DEMO_PORT" >/dev/null || die "building the demo image failed"
 }
 
+install_mount_helper() {
+    # mount -t fuse.imagefs and fstab lines: mount(8) runs /sbin/mount.fuse.<type>. Quiet when present.
+    if [ "$(id -u)" -ne 0 ]; then
+        [ -x /sbin/mount.fuse.imagefs ] || say "not installing /sbin/mount.fuse.imagefs (needs root); imagefs mount works without it"
+        return 0
+    fi
+    "$PYTHON" -m imagefs.mounthelper --install 2>&1 | sed 's/^/mount.sh: /' >&2 || true  # it says why it could not
+}
+
 setup() {
     install_system
     install_python
     check_fuse
+    install_mount_helper
 }
 
 mount_ref() {

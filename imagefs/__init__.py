@@ -7,12 +7,18 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.descriptors` — descriptors, media types, containerd's ref keys, manifest decoding.
 - :mod:`imagefs.registry` — the httpx client: auth flow, resolve, manifests, ranged blob streams.
 - :mod:`imagefs.content` — the content store (cache): protocols and the local store with its
-  per-ref writer locks, digest-checked commits and gc labels as ``user.`` xattrs.
+  per-ref writer locks (in process and, by flock, across processes), resumable sparse ingests,
+  digest-checked commits and gc labels as ``user.`` xattrs.
 - :mod:`imagefs.handlers` — the port of containerd's ``remotes/handlers.go``: ``fetch`` with
   jittered backoff on a locked ref, labels from a tee of the stream, a concurrent ``dispatch``.
 - :mod:`imagefs.image` — the descriptor graph of one mount, discovered as it is walked.
 - :mod:`imagefs.reader` — byte ranges of layer blobs, served as they stream in.
+- :mod:`imagefs.layers` — the files inside layers: tar indexes, gzip checkpoints, whiteouts.
 - :mod:`imagefs.fs` — the FUSE side: inode tree, pyfuse3 operations (the errno boundary), mount.
+- :mod:`imagefs.pull`, :mod:`imagefs.gc`, :mod:`imagefs.fsck`, :mod:`imagefs.status` — the cache
+  verbs (``pull``/``inspect``, ``gc``, ``fsck``, ``ls``); :mod:`imagefs.content.maintenance` holds
+  the store walks they share, :mod:`imagefs.content.mounts` the live-mount records (leases).
+- :mod:`imagefs.mounthelper` — ``mount -t fuse.imagefs`` and ``/etc/fstab``.
 - :mod:`imagefs.cli` — the ``imagefs`` command.
 - :mod:`imagefs.testing` — builds and pushes test and demo images; the mount never imports it.
 """

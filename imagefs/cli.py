@@ -20,6 +20,7 @@ import trio
 from .content.local import default_cache_dir
 from .descriptors import Platform
 from .errors import ImagefsError
+from .registry.hosts import default_hosts_dir
 
 log = logging.getLogger("imagefs")
 
@@ -45,10 +46,55 @@ def _platform(text: str) -> Platform:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
 def _cache_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", type=Path, default=None, metavar="DIR",
         help="content store (default: $IMAGEFS_CACHE_DIR, else $XDG_CACHE_HOME/imagefs, else ~/.cache/imagefs)",
+    )
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every verb that talks to a registry (mount, pull, inspect)."""
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS (automatic for localhost/127.0.0.1)")
+    p.add_argument("--insecure", action="store_true", help="HTTPS without certificate verification (dangerous)")
+    p.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for the registry's certificate")
+    p.add_argument("--cert-dir", metavar="DIR",
+                   help="client.cert + client.key (and extra CAs, *.crt) for the registry, as in docker's certs.d/HOST")
+    p.add_argument("--username", metavar="USER",
+                   help="log in as USER (password from --password-stdin); default: the credentials "
+                   "docker/podman login stored ($REGISTRY_AUTH_FILE, ~/.docker/config.json, credential helpers)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password (or token) for --username from stdin")
+    p.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="give up on a network operation that makes no progress for this long, then retry (default: 30)")
+    p.add_argument("--mirror", action="append", default=[], metavar="URL",
+                   help="try this registry mirror (pull and resolve) before the registry; repeatable")
+    p.add_argument("--hosts-dir", type=Path, default=default_hosts_dir(), metavar="DIR",
+                   help="containerd-style DIR/<registry>/hosts.toml with mirrors "
+                   f"(default: /etc/imagefs/certs.d, else /etc/containerd/certs.d, if present; here: {default_hosts_dir() or 'none'})")
+
+
+def registry_options(args, password: str | None) -> dict:
+    """:class:`MountOptions` fields from :func:`_registry_args`'s flags."""
+    return dict(
+        plain_http=args.plain_http,
+        insecure=args.insecure,
+        ca_file=args.ca_file,
+        cert_dir=args.cert_dir,
+        username=args.username,
+        password=password,
+        timeout=args.timeout,
+        mirrors=tuple(args.mirror),
+        hosts_dir=args.hosts_dir,
     )
 
 
@@ -72,19 +118,87 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
                    help=f"platform to select from an index (default: this machine's, {Platform.host()})")
     m.add_argument("--all-platforms", action="store_true", help="fetch the manifests of every platform at mount")
+    m.add_argument("--strict", action="store_true",
+                   help="serve no byte of a blob before the whole blob is fetched and verified (containerd's rule)")
+    m.add_argument("--prefetch", action="store_true",
+                   help="after mounting, fetch the selected platform's layers completely in the background")
+    m.add_argument("--index", action="store_true",
+                   help="index every layer of the selected platform (for rootfs/ and fs/) before the mount returns")
     _cache_dir_arg(m)
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground; logs go to stderr")
-    m.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS (automatic for localhost/127.0.0.1)")
-    m.add_argument("--insecure", action="store_true", help="HTTPS without certificate verification (dangerous)")
-    m.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for the registry's certificate")
+    _registry_args(m)
     m.add_argument("--debug", action="store_true", help="log every request and FUSE operation")
     m.add_argument("--log-file", type=Path, metavar="FILE",
                    help="where a background mount logs (default: CACHE/logs/<mountpoint>.log)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--span-size", type=int, default=None, help=argparse.SUPPRESS)  # bench/run measures spans
 
     u = sub.add_parser("umount", help="unmount an imagefs mount", description="Unmount MOUNTPOINT.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    u.add_argument("-l", "--lazy", action="store_true",
+                   help="detach now even if a program still uses the mount (it goes away when they finish)")
+    _cache_verbs(sub)
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A verb's ``run(args)``, imported from its own module only when that verb runs."""
+
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+def _size(text: str) -> int:
+    from .units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cache_verbs(sub) -> None:
+    """gc, fsck, pull, inspect and ls: the cache's life cycle; their code lives in their own modules."""
+    g = sub.add_parser("gc", help="remove what no image or live mount references",
+                       description="Mark from every gc.root image and every live mount, sweep the rest and "
+                       "abandoned ingests; print what was removed and the space freed.")
+    g.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    g.add_argument("--max-size", type=_size, metavar="SIZE",
+                   help="then evict least recently used layers of images no mount uses until the cache fits "
+                   "(bytes, 500M, 2G, 1.5GiB; K/M/G are 1024-based, KB/MB/GB 1000-based)")
+    _cache_dir_arg(g)
+    g.set_defaults(run=_lazy("imagefs.gc", "run"))
+
+    f = sub.add_parser("fsck", help="re-hash every cached blob and check labels (exit 1 if anything is wrong)",
+                       description="Check the content store. Exit status: 0 clean, 1 problems found, 2 usage.")
+    f.add_argument("--repair", action="store_true", help="remove what is wrong (a mount fetches it again when needed)")
+    _cache_dir_arg(f)
+    f.set_defaults(run=_lazy("imagefs.fsck", "run"))
+
+    for verb, fn, text in (
+        ("pull", "run_pull", "fetch an image's whole graph for the selected platform(s) into the cache"),
+        ("inspect", "run_inspect", "print an image's descriptor tree (fetches manifests only, never layers)"),
+    ):
+        p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("ref", metavar="REF", help="image reference, e.g. alpine, ghcr.io/org/img:tag, name@sha256:…")
+        p.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
+                       help=f"platform to select from an index (default: this machine's, {Platform.host()})")
+        p.add_argument("--all-platforms", action="store_true", help="every platform of an index")
+        _registry_args(p)
+        p.add_argument("--debug", action="store_true", help="log every request")
+        if verb == "inspect":
+            p.add_argument("--json", action="store_true", help="the tree as JSON")
+        _cache_dir_arg(p)
+        p.set_defaults(run=_lazy("imagefs.pull", fn))
+
+    s = sub.add_parser("ls", aliases=["status"], help="what the cache holds: images, sizes, live mounts")
+    s.add_argument("--json", action="store_true", help="as JSON")
+    _cache_dir_arg(s)
+    s.set_defaults(run=_lazy("imagefs.status", "run"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(args)
         if args.verb == "umount":
             return cmd_umount(args)
+        if hasattr(args, "run"):
+            return args.run(args)
     except ImagefsError as exc:
         print(f"imagefs: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -133,9 +249,10 @@ def cmd_mount(args) -> int:
     from .fs.mount import MountOptions, check_mountpoint, serve
 
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
+    password = _read_password(args)
     check_mountpoint(args.mountpoint)
     if not args.foreground:
-        return _spawn_background(args)
+        return _spawn_background(args, password)
 
     log_path = _log_file(args) if args.ready_fd is not None else None
     _setup_logging(args.debug, path=log_path)
@@ -145,17 +262,19 @@ def cmd_mount(args) -> int:
         cache_dir=args.cache_dir,
         platform=args.platform or Platform.host(),
         all_platforms=args.all_platforms,
-        plain_http=args.plain_http,
-        insecure=args.insecure,
-        ca_file=args.ca_file,
+        strict=args.strict,
+        prefetch=args.prefetch,
+        index=args.index,
+        span=args.span_size,
         debug=args.debug,
+        **registry_options(args, password),
     )
-    if args.insecure:
-        log.warning("--insecure: the registry's TLS certificate is NOT verified")
 
     relay = _WarningRelay(args.ready_fd) if args.ready_fd is not None else None
     if relay:
         logging.getLogger().addHandler(relay)
+    if args.insecure:  # after the relay, so the user's terminal shows it too
+        log.warning("--insecure: the registry's TLS certificate is NOT verified")
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -199,15 +318,36 @@ def _report_ready(fd: int | None, message: str) -> None:
         pass
 
 
-def _spawn_background(args) -> int:
-    """Start ``mount -f`` detached and wait for its word that the mount is ready (or why not)."""
+def _read_password(args) -> str | None:
+    """The ``--password-stdin`` password, as ``docker login`` reads it (one trailing newline dropped)."""
+    if args.username is None and not args.password_stdin:
+        return None
+    if not (args.username and args.password_stdin):
+        raise ImagefsError("--username and --password-stdin go together (the password is read from stdin)")
+    password = sys.stdin.read()
+    password = password[:-1] if password.endswith("\n") else password
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise ImagefsError("--password-stdin: no password on stdin")
+    return password
+
+
+def _spawn_background(args, password: str | None = None) -> int:
+    """Start ``mount -f`` detached and wait for its word that the mount is ready (or why not).
+
+    A ``--password-stdin`` password goes to the child over its stdin, as it came to us: never on
+    a command line or in the environment, where ``ps`` and ``/proc`` would show it.
+    """
     log_path = _log_file(args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "imagefs", *args.argv, "--foreground", "--ready-fd", str(w), "--cache-dir", str(args.cache_dir)]
     with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL if password is None else subprocess.PIPE,
+                                stdout=logf, stderr=logf, start_new_session=True)
+    if password is not None and proc.stdin is not None:
+        proc.stdin.write(password.encode())
+        proc.stdin.close()
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         answer = pipe.readline().decode().strip()
@@ -232,8 +372,13 @@ def cmd_umount(args) -> int:
     if not os.path.ismount(path):
         raise ImagefsError(f"{path} is not a mount point")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", str(path)] if tool else ["umount", str(path)]
+    if tool:
+        cmd = [tool, "-uz" if args.lazy else "-u", str(path)]
+    else:
+        cmd = ["umount", *(["-l"] if args.lazy else []), str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ImagefsError(f"cannot unmount {path}: {done.stderr.strip() or done.stdout.strip()}")
+        why = done.stderr.strip() or done.stdout.strip()
+        hint = " (a program still uses it: imagefs umount --lazy detaches it now)" if "busy" in why else ""
+        raise ImagefsError(f"cannot unmount {path}: {why}{hint}")
     return EXIT_OK

@@ -13,6 +13,7 @@
     ├── DigestMismatch        bytes do not hash to their digest    -> EIO
     ├── InvalidManifest       JSON we cannot use                   -> EIO
     │   └── UnsupportedMediaType  e.g. Docker schema1
+    ├── InvalidLayer          a layer that is not a tar we can read -> EIO
     └── PlatformNotFound      --platform names none of the index's -> ENOENT
 
 Lower layers raise the most specific class with ``raise … from exc``; only
@@ -68,6 +69,10 @@ class InvalidManifest(ImagefsError):
 
 class UnsupportedMediaType(InvalidManifest):
     pass
+
+
+class InvalidLayer(ImagefsError):
+    errno = errno.EIO
 
 
 class PlatformNotFound(ImagefsError):

@@ -89,6 +89,7 @@ def commit_labels(desc: Descriptor, kids: list[Descriptor], root: bool) -> dict[
 async def fetch(ingester: Ingester, fetcher: Fetcher, desc: Descriptor, *, root: bool = False) -> None:
     """Make ``desc`` committed in the store, fetching it unless someone else already is or has."""
     check_supported(desc.media_type)
+    _check_manifest_size(desc)  # before any writer: an ingest is sized by the descriptor
     writer = await acquire(ingester, desc)
     if writer is None:
         return
@@ -98,8 +99,7 @@ async def fetch(ingester: Ingester, fetcher: Fetcher, desc: Descriptor, *, root:
 
 async def copy(writer: Writer, fetcher: Fetcher, desc: Descriptor, *, root: bool = False) -> None:
     """Stream ``desc`` into ``writer`` and commit it; for manifests, children are parsed from a tee."""
-    if has_children(desc) and desc.size > MAX_MANIFEST_SIZE:
-        raise InvalidManifest(f"{desc.ref_key}: a manifest of {desc.size} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
+    _check_manifest_size(desc)
     tee = bytearray() if has_children(desc) else None
     # A blob resumes after what an earlier process left; a manifest is re-read whole for the tee.
     pos = 0 if tee is not None else writer.offset
@@ -117,14 +117,29 @@ async def copy(writer: Writer, fetcher: Fetcher, desc: Descriptor, *, root: bool
     log.info("committed %s (%d bytes)", desc.ref_key, desc.size)
 
 
+def _check_manifest_size(desc: Descriptor) -> None:
+    if has_children(desc) and desc.size > MAX_MANIFEST_SIZE:
+        raise InvalidManifest(f"{desc.ref_key}: a manifest of {desc.size} bytes exceeds the {MAX_MANIFEST_SIZE} byte limit")
+
+
 async def dispatch(handler: Handler, descs: Iterable[Descriptor], *, limit: int = 8) -> None:
-    """Run ``handler`` on every descriptor reachable from ``descs``, concurrently, each once."""
+    """Run ``handler`` on every descriptor reachable from ``descs``, concurrently, each once.
+
+    The first error cancels the walk and is raised alone: a user is told one clear reason, not a
+    group of the same failure from sibling tasks.
+    """
     seen: set[str] = set()
     limiter = trio.CapacityLimiter(limit)
+    errors: list[Exception] = []
 
     async def visit(desc: Descriptor, nursery: trio.Nursery) -> None:
-        async with limiter:
-            kids = await handler(desc)
+        try:
+            async with limiter:
+                kids = await handler(desc)
+        except Exception as exc:
+            errors.append(exc)
+            nursery.cancel_scope.cancel()
+            return
         for kid in kids:
             if kid.ref_key not in seen:
                 seen.add(kid.ref_key)
@@ -135,3 +150,5 @@ async def dispatch(handler: Handler, descs: Iterable[Descriptor], *, limit: int 
             if desc.ref_key not in seen:
                 seen.add(desc.ref_key)
                 nursery.start_soon(visit, desc, nursery)
+    if errors:
+        raise errors[0]

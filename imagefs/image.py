@@ -66,7 +66,7 @@ class Image:
             return self._select(desc, kids)
 
         await dispatch(handler, [self.root])
-        if GC_ROOT not in self.store.labels(self.root.digest):
+        if self.store.path(self.root.digest) is not None and GC_ROOT not in self.store.labels(self.root.digest):
             # Committed earlier as someone's child: it is a root now.
             self.store.update_labels(self.root.digest, {GC_ROOT: now_rfc3339()})
 

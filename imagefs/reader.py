@@ -354,13 +354,24 @@ class BlobReader:
             writer._notify()
 
     async def prefetch(self, desc: Descriptor) -> None:
-        """Fetch the whole blob in the background and commit it (``--prefetch``)."""
+        """Fetch the whole blob and commit it (``--prefetch``, layer indexes); raise why if it fails.
+
+        One attempt: a failed request (after the client's own retries) or a failed verification
+        ends it with that error, rather than claiming the same bytes again forever.
+        """
+        failures = self._failures.get(desc.digest, 0)
+        seen: tuple[_Blob, int] | None = None
         while not self.committed(desc):
+            if self._failures.get(desc.digest, 0) > failures:
+                raise DigestMismatch(f"{desc.ref_key} failed verification (see the log)")
             blob = self._blobs.get(desc.digest) or await self._acquire(desc)
             if blob is None:
                 return
-            if self._failures.get(desc.digest, 0) > 2:
-                return  # it keeps failing verification: leave it to readers to see why
+            if seen is None or seen[0] is not blob:
+                seen = (blob, blob.serial)
+            elif blob.serial > seen[1]:
+                exc = blob.errors[-1][3]
+                raise exc if isinstance(exc, ImagefsError) else RegistryError(f"{desc.ref_key}: {exc!r}")
             if blob.writer.complete:
                 self._start_commit(blob)
             else:

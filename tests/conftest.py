@@ -4,6 +4,7 @@ session, the test images pushed into it once, and a fresh cache and mount point 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -24,6 +25,23 @@ def registry(tmp_path_factory):
 def proxy(registry):
     with Proxy(registry.host) as p:
         yield p
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request):
+    """No test hangs CI: each runs under an alarm (its module's TEST_TIME_LIMIT, else 300 s)."""
+    limit = getattr(request.module, "TEST_TIME_LIMIT", 300)
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"test exceeded {limit}s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(limit)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

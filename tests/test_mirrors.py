@@ -7,11 +7,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from types import FrameType
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -31,18 +29,6 @@ TEST_TIME_LIMIT = 30
 AMD64 = ("--platform", "linux/amd64")
 
 
-@pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError(f"test exceeded {TEST_TIME_LIMIT}s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # -- hosts.toml -----------------------------------------------------------------------------------

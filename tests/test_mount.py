@@ -93,7 +93,7 @@ def test_listing_is_the_graph_and_mount_costs_one_platform(proxy, images, mnt, c
         assert proxy.gets("/blobs/") == []
         top = set(os.listdir(mnt))
         index_kids = children_keys(idx.index)
-        expected = {"root", "oci-layout", "index.json", "blobs", ref_key(idx.index), *index_kids,
+        expected = {"root", "rootfs", "oci-layout", "index.json", "blobs", ref_key(idx.index), *index_kids,
                     *children_keys(images.amd.manifest)}
         assert top == expected, "before looking inside the arm64 manifest, its children are unknown"
         assert os.readlink(m.path("root")) == ref_key(idx.index)
@@ -106,7 +106,7 @@ def test_listing_is_the_graph_and_mount_costs_one_platform(proxy, images, mnt, c
         for image in (images.amd, images.arm):
             d = m.path(ref_key(image.manifest))
             kids = children_keys(image.manifest)
-            assert os.listdir(d) == ["blob", *kids]
+            assert os.listdir(d) == ["blob", *kids, "rootfs"]
             for k in kids:
                 assert os.readlink(d / k) == f"../{k}"
                 assert (d / k / "blob").exists()
@@ -341,3 +341,13 @@ def test_foreground_mount_unmounts_cleanly_on_sigterm(proxy, images, mnt, cache_
         assert "SIGTERM: unmounting" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_umount_of_a_busy_mount_says_how_and_lazy_detaches(proxy, images, mnt, cache_dir):
+    with Mount(f"{proxy.host}/test/single:v1", mnt, cache_dir) as m:
+        with open(m.path("root", "blob"), "rb"):
+            done = imagefs("umount", mnt)
+            assert done.returncode == 1 and "--lazy" in done.stderr
+            assert os.path.ismount(mnt)
+            assert imagefs("umount", "--lazy", mnt).returncode == 0
+            assert not os.path.ismount(mnt)

@@ -14,13 +14,10 @@ import logging
 import os
 import random
 import re
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
-from types import FrameType
 from typing import Callable
 
 import httpx
@@ -40,18 +37,6 @@ AMD64 = ("--platform", "linux/amd64")
 REF = parse("registry.test/test/x:v1")
 
 
-@pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError(f"test exceeded {TEST_TIME_LIMIT}s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # -- a scripted registry for MockTransport -------------------------------------------------------

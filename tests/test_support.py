@@ -11,7 +11,6 @@ import hashlib
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -20,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 
 import httpx
 import pytest
@@ -31,20 +29,6 @@ TEST_TIME_LIMIT = 20  # seconds; each test should take well under 2 s
 REPO = "test/blobs"
 
 
-@pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    """Fail (rather than hang) a test that exceeds TEST_TIME_LIMIT."""
-
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise TimeoutError(f"test exceeded {TEST_TIME_LIMIT}s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

@@ -119,32 +119,40 @@ class LocalStore:
         sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
         if sidecar.exists():
             return json.loads(sidecar.read_text())
-        p = self.blobs / hex_
+        return self._xattr_labels(self.blobs / hex_)
+
+    @staticmethod
+    def _xattr_labels(path: Path) -> dict[str, str]:
         out: dict[str, str] = {}
         try:
-            for name in os.listxattr(p):
+            for name in os.listxattr(path):
                 if name.startswith(XATTR_PREFIX):
-                    out[name[len(XATTR_PREFIX) :]] = os.getxattr(p, name).decode()
+                    out[name[len(XATTR_PREFIX) :]] = os.getxattr(path, name).decode()
         except OSError:
             pass
         return out
 
-    def update_labels(self, digest: str, labels: dict[str, str]) -> None:
-        """Record labels on the committed blob: as ``user.`` xattrs, or in a sidecar file."""
+    def update_labels(self, digest: str, labels: dict[str, str], *, path: Path | None = None) -> None:
+        """Record labels on the committed blob (or ``path``, the file about to be committed): as
+        ``user.`` xattrs, or in a sidecar file."""
         hex_ = digest.split(":", 1)[1]
-        p = self.blobs / hex_
-        if self._xattrs_ok is not False:
+        p = path or self.blobs / hex_
+        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+        if self._xattrs_ok is not False and not sidecar.exists():
             try:
                 for k, v in labels.items():
                     os.setxattr(p, XATTR_PREFIX + k, v.encode())
                 self._xattrs_ok = True
                 return
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+                if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                    log.warning("cache filesystem has no user xattrs; keeping labels in sidecar files")
+                    self._xattrs_ok = False
+                elif exc.errno not in (errno.ENOSPC, errno.E2BIG):
                     raise
-                log.warning("cache filesystem has no user xattrs; keeping labels in sidecar files")
-                self._xattrs_ok = False
-        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+                # ext4 holds one block of xattrs per file: a big index's labels go to the sidecar,
+                # all of them, so a collector reads one complete set
+                labels = {**self._xattr_labels(p), **labels}
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         merged = json.loads(sidecar.read_text()) if sidecar.exists() else {}
         merged.update(labels)
@@ -193,11 +201,18 @@ class Writer:
         self.dir = store.ingests / ref
         self.data_path = self.dir / "data"
         self.state_path = self.dir / "state"
-        self.present = self._resume() or RangeSet()
+        self.fd = -1
+        try:
+            self.present = self._resume() or RangeSet()
+            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(self.fd, size)  # sparse: holes cost nothing
+            self._save_state()
+        except OSError as exc:
+            if self.fd >= 0:
+                os.close(self.fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise ImagefsError(f"{ref}: cannot make an ingest of {size} bytes in {store.ingests}: {exc.strerror}") from exc
         self.resumed = self.present.total()
-        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self.fd, size)  # sparse: holes cost nothing
-        self._save_state()
         self.hashed = 0
         self._hash = hashlib.sha256()
         self._hash_lock = trio.Lock()
@@ -264,9 +279,15 @@ class Writer:
         self._notify()
 
     def save(self) -> None:
-        """Record which ranges are present, so a crash or unmount loses no fetched byte."""
+        """Record which ranges are present, so a crash or unmount loses no fetched byte.
+
+        Best effort: on a full disk the record is stale, which costs a refetch, never a wrong byte.
+        """
         if not self.closed:
-            self._save_state()
+            try:
+                self._save_state()
+            except OSError as exc:
+                log.warning("%s: cannot record progress: %s", self.ref, exc)
 
     def pread(self, offset: int, size: int) -> bytes:
         """Bytes already written; callers check ``present`` first."""
@@ -308,11 +329,11 @@ class Writer:
         await self.verify()
         target = self.store.blobs / self.digest.split(":", 1)[1]
         await trio.to_thread.run_sync(os.fsync, self.fd)
+        if labels:  # while the file is still ours to write: a 0444 file refuses xattrs to non-root
+            self.store.update_labels(self.digest, labels, path=self.data_path)
         os.chmod(self.data_path, 0o444)
         os.rename(self.data_path, target)
         self.committed = True
-        if labels:
-            self.store.update_labels(self.digest, labels)
         shutil.rmtree(self.dir, ignore_errors=True)
         self._close()
         return target
@@ -329,7 +350,7 @@ class Writer:
         """Stop writing but keep what is present, for the next process to resume."""
         if self.committed or self.closed:
             return
-        self._save_state()
+        self.save()
         self.error = ImagefsError(f"{self.ref}: fetch suspended")
         self._close()
 

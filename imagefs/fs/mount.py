@@ -16,12 +16,16 @@ import pyfuse3
 import trio
 
 from ..content.local import LocalStore
-from ..descriptors import Platform
+from ..content.mounts import registered
+from ..descriptors import LAYER_TYPES, Platform
 from ..errors import ImagefsError
 from ..image import Image, resolve_root
-from ..reader import BlobReader
+from ..layers.service import Layers
+from ..reader import SPAN, BlobReader
 from ..reference import Reference, parse
 from ..registry.client import RegistryClient
+from ..registry.credentials import credentials_for
+from . import kernel
 from .operations import Operations
 from .tree import Tree
 
@@ -35,10 +39,20 @@ class MountOptions:
     cache_dir: Path
     platform: Platform = field(default_factory=Platform.host)
     all_platforms: bool = False
+    strict: bool = False  # serve no byte of a blob before all of it is verified
+    prefetch: bool = False  # complete the selected platform's layers in the background
+    index: bool = False  # build the selected platform's layer indexes before the mount is ready
+    span: int | None = None  # bytes a random read fetches (default: reader.SPAN)
     plain_http: bool = False
     insecure: bool = False
     ca_file: str | None = None
     debug: bool = False
+    cert_dir: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # from --password-stdin; never printed
+    timeout: float = 30.0
+    mirrors: tuple[str, ...] = ()
+    hosts_dir: Path | None = None
 
 
 def check_mountpoint(path: Path) -> None:
@@ -58,6 +72,11 @@ def make_client(ref: Reference, opts: MountOptions) -> RegistryClient:
         plain_http=opts.plain_http,
         insecure=opts.insecure,
         ca_file=opts.ca_file,
+        cert_dir=opts.cert_dir,
+        credentials=credentials_for(ref, opts.username, opts.password),
+        timeout=opts.timeout,
+        mirrors=opts.mirrors,
+        hosts_dir=opts.hosts_dir,
     )
 
 
@@ -72,26 +91,70 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         image = Image(store, client, root, platform=opts.platform, all_platforms=opts.all_platforms)
         await image.open()
         tree = Tree(image, tag=ref.tag)
-        async with trio.open_nursery() as nursery:
-            reader = BlobReader(store, client, nursery)
+        async with registered(store, str(ref), opts.mountpoint, image), trio.open_nursery() as nursery:
+            reader = BlobReader(store, client, nursery, strict=opts.strict, span=opts.span or SPAN)
+            layers = Layers(reader)
+            if opts.index:
+                await _index(image, layers)
             options = set(pyfuse3.default_options)
             options |= {"ro", "subtype=imagefs", f"fsname={str(ref).replace(',', '_')}"}
             if os.getuid() == 0:
                 options.add("allow_other")
             if opts.debug:
                 options.add("debug")
-            pyfuse3.init(Operations(tree, reader), str(opts.mountpoint), options)
+            pyfuse3.init(Operations(tree, reader, layers), str(opts.mountpoint), options)
             try:
                 nursery.start_soon(_signals, nursery)
                 log.info("mounted %s at %s", ref, opts.mountpoint)
                 task_status.started()
+                nursery.start_soon(trio.to_thread.run_sync, kernel.tune, opts.mountpoint)
+                if opts.prefetch:
+                    nursery.start_soon(_prefetch, image, reader)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             finally:
                 pyfuse3.close(unmount=True)
                 reader.close()
                 stats = reader.statistics()
-                log.info("unmounted %s: %s", opts.mountpoint, stats)
+                log.info("unmounted %s: %s; %s", opts.mountpoint, stats, layers.stats)
+
+
+async def _prefetch(image: Image, reader: BlobReader) -> None:
+    """Complete every layer of the selected platform(s), two at a time, as ``--prefetch`` asks."""
+    limiter = trio.CapacityLimiter(2)
+    layers = {kid.digest: kid for man in image.selected for kid in image.children.get(man.ref_key, [])[1:]}
+
+    failed = 0
+
+    async def one(desc) -> None:
+        nonlocal failed
+        async with limiter:
+            try:
+                await reader.prefetch(desc)
+            except ImagefsError as exc:  # a reader of that blob will see it too; the mount goes on
+                failed += 1
+                log.error("prefetch of %s failed: %s", desc.ref_key, exc)
+
+    async with trio.open_nursery() as nursery:
+        for desc in layers.values():
+            nursery.start_soon(one, desc)
+    log.info("prefetch complete: %d layers%s", len(layers) - failed, f", {failed} failed" if failed else "")
+
+
+async def _index(image: Image, layers: Layers) -> None:
+    """Build (or load) the index of every layer of the selected platform(s), as ``--index`` asks."""
+    limiter = trio.CapacityLimiter(2)
+    found = {kid.digest: kid for man in image.selected for kid in image.children.get(man.ref_key, [])[1:]
+             if kid.media_type in LAYER_TYPES}
+
+    async def one(desc) -> None:
+        async with limiter:
+            await layers.index(desc)
+
+    async with trio.open_nursery() as nursery:
+        for desc in found.values():
+            nursery.start_soon(one, desc)
+    log.info("indexes ready: %d layers", len(found))
 
 
 async def _signals(nursery: trio.Nursery) -> None:

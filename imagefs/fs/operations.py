@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import time
+from dataclasses import asdict
 
 import pyfuse3
 
-from ..descriptors import LAYER_TYPES, Descriptor, has_children
+from ..descriptors import LAYER_TYPES, has_children
 from ..errors import ImagefsError
 from ..handlers import GC_REF, GC_ROOT
+from ..layers.service import Layers
 from ..reader import BlobReader, Handle
 from .tree import Node, Tree
 
@@ -58,10 +61,11 @@ def _fuse_errors(cls):
 class Operations(pyfuse3.Operations):
     """Answers the kernel from a :class:`Tree`; blobs come through a :class:`BlobReader`."""
 
-    def __init__(self, tree: Tree, reader: BlobReader) -> None:
+    def __init__(self, tree: Tree, reader: BlobReader, layers: Layers | None = None) -> None:
         super().__init__()
         self.tree = tree
         self.reader = reader
+        self.layers = tree.layers = layers or Layers(reader)
         self.image = tree.image
         self.mtime_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -76,7 +80,13 @@ class Operations(pyfuse3.Operations):
         a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid, a.st_gid = self.uid, self.gid
-        if node.data is not None:
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
+        if node.item is not None:  # a file inside a layer: its tar metadata
+            entry = node.item.entry
+            a.st_uid, a.st_gid, a.st_rdev = entry.uid, entry.gid, entry.rdev
+            a.st_size = len(node.target) if node.target else entry.size
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(entry.mtime * 1e9)
+        elif node.data is not None:
             a.st_size = len(node.data)
         elif node.target:
             a.st_size = len(node.target)
@@ -86,7 +96,6 @@ class Operations(pyfuse3.Operations):
             a.st_size = 0
         a.st_blksize = 1 << 17
         a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.mtime_ns
         a.entry_timeout = a.attr_timeout = TIMEOUT
         return a
 
@@ -144,9 +153,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        self._next_fh += 1
+        if node.item is not None:  # layer files are read through verified spans or committed blobs
+            self.handles[self._next_fh] = (node, None)
+            return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=True)
         # Keep the page cache only for verified bytes: an open while a blob streams starts afresh.
         keep = node.data is not None or (node.desc is not None and self.reader.committed(node.desc))
-        self._next_fh += 1
         self.handles[self._next_fh] = (node, self.reader.open(node.desc, inode) if node.desc else None)
         return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=keep)
 
@@ -157,6 +169,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF) from None
         if node.data is not None:
             return node.data[off : off + size]
+        if node.item is not None:
+            desc = node.view.layers[node.item.layer]
+            return await self.layers.read(desc, node.item.entry, off, size)
         desc = node.desc
         if self.reader.committed(desc):
             return self.reader.read_committed(desc, off, size)
@@ -178,6 +193,8 @@ class Operations(pyfuse3.Operations):
         """The ``user.`` attributes of DESIGN.md §2; gc ref labels only when ``children`` (that fetches)."""
         desc = node.desc
         if desc is None:
+            if node.inode == pyfuse3.ROOT_INODE:  # what this mount has done, for benchmarks and curious users
+                return {XATTR_USER + b"imagefs.statistics": json.dumps(asdict(self.reader.statistics())).encode()}
             return {}
         out: dict[str, str] = {}
         if desc.digest == self.image.root.digest:
@@ -197,14 +214,23 @@ class Operations(pyfuse3.Operations):
         return {XATTR_USER + k.encode(): v.encode() for k, v in out.items()}
 
     async def listxattr(self, inode, ctx):
-        return list(await self._xattrs(self._node(inode)))
+        node = self._node(inode)
+        if node.view is not None:  # inside fs/ and rootfs/: the tar's PAX xattrs and nothing else
+            return [k.encode("utf-8", "surrogateescape") for k in (node.item.entry.xattrs if node.item else {})]
+        return list(await self._xattrs(node))
 
     async def getxattr(self, inode, name, ctx):
+        node = self._node(inode)
+        if node.view is not None:
+            value = (node.item.entry.xattrs if node.item else {}).get(name.decode("utf-8", "surrogateescape"))
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
         # ls -l asks every entry for security.* and system.* names: answer without fetching.
         if not name.startswith(XATTR_USER):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         wants_children = name.startswith(XATTR_USER + GC_REF.encode())
-        value = (await self._xattrs(self._node(inode), children=wants_children)).get(name)
+        value = (await self._xattrs(node, children=wants_children)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value

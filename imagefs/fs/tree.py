@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
-from ..descriptors import OCI_INDEX, Descriptor, has_children
+from ..descriptors import LAYER_TYPES, OCI_INDEX, Descriptor, has_children, is_manifest
 from ..image import Image
+from ..layers.merge import Item
+from ..layers.service import Layers
+from .views import View, populate
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -30,6 +33,12 @@ class Node:
     names: list[bytes] = field(default_factory=list)  # dir entries, in order
     index: dict[bytes, int] = field(default_factory=dict)  # name -> inode
     nlink: int = 1
+    # Inside fs/ and rootfs/: the view this node belongs to, the tar entry it shows (None for a
+    # view's top), its path in the view, and whether its entries are still to be listed.
+    view: View | None = None
+    item: Item | None = None
+    path: str = ""
+    pending: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -46,6 +55,7 @@ class Tree:
 
     def __init__(self, image: Image, tag: str | None = None) -> None:
         self.image = image
+        self.layers: Layers | None = None  # set by Operations: what reads layer indexes
         self.nodes: dict[int, Node] = {}
         self.top = self._new(DIR_MODE, inode=pyfuse3.ROOT_INODE)
         self.top.nlink = 2
@@ -66,6 +76,8 @@ class Tree:
         for desc in image.descriptors.values():
             self._on_descriptor(desc)
         image.listeners.append(self._on_descriptor)
+        if image.selected:  # the selected platform's files, as `ls MOUNT/rootfs/` expects
+            self._link(self.top, b"rootfs", image.selected[0].ref_key.encode() + b"/rootfs")
 
     # -- building -------------------------------------------------------------------------------
 
@@ -101,6 +113,8 @@ class Tree:
             self.sha256.add(desc.hex.encode(), blob.inode)
         blob.nlink += 1
         d.add(b"blob", blob.inode)
+        if desc.media_type in LAYER_TYPES:
+            self._view(d, b"fs", View([desc], whiteouts=False))
         if key in self.image.children:
             self._add_children(desc)
 
@@ -108,10 +122,22 @@ class Tree:
         d = self.dirs[desc.ref_key]
         for kid in self.image.children.get(desc.ref_key, []):
             self._link(d, kid.ref_key.encode(), b"../" + kid.ref_key.encode())
+        if is_manifest(desc) and b"rootfs" not in d.index:
+            layers = [k for k in self.image.children[desc.ref_key][1:] if k.media_type in LAYER_TYPES]
+            self._view(d, b"rootfs", View(layers))
         self.expanded.add(desc.ref_key)
 
+    def _view(self, parent: Node, name: bytes, view: View) -> None:
+        """A view's top directory; its entries are listed on first look (:func:`views.populate`)."""
+        node = self._dir(parent, name)
+        node.view, node.pending = view, True
+
     async def expand(self, node: Node) -> None:
-        """Make sure a manifest's or index's directory lists its children (fetching it if needed)."""
+        """Make sure a directory lists its entries: a manifest's or index's children (fetching it if
+        needed), or a view directory's files (indexing its layers if needed)."""
+        if node.pending:
+            await populate(self, node)
+            return
         desc = node.desc
         if desc is None or not node.is_dir or not has_children(desc) or desc.ref_key in self.expanded:
             return

@@ -1,0 +1,127 @@
+"""Tar members as a layer index holds them, and the index's on-disk form.
+
+An index is what makes a layer browsable without its blob: every member's metadata and the
+offset of its bytes in the *uncompressed* tar, plus (for gzip) the inflate checkpoints and a
+digest per compressed span. It is written once, atomically, to
+``CACHE/indexes/sha256/<hex>.v1`` as gzip'd JSON lines — about 20 bytes a member on disk — and a
+format change bumps the version in the name, so an old index is simply rebuilt.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+# Member kinds, one letter each (they are written once per member).
+FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "f", "d", "l", "c", "b", "p"
+HARDLINK = "h"  # a hard link to a path not in this layer: resolved against the layers below, in rootfs/ only
+_S_IFMT = {HARDLINK: stat.S_IFREG, FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHAR: stat.S_IFCHR, BLOCK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+
+# Compressions a layer's bytes can be in (sniffed from its magic, as docker does).
+PLAIN, GZIP, ZSTD = "tar", "gzip", "zstd"
+
+
+@dataclass
+class Entry:
+    """One member: ``path`` is normalised (no ``./``, no leading ``/``; ``""`` is the layer's root).
+
+    A hard link is a :data:`FILE` that shares ``link`` (the number of the member that first held
+    the data) with its target: the same inode wherever both are visible.
+    """
+
+    path: str
+    kind: str
+    mode: int  # permission bits, setuid/setgid/sticky included
+    uid: int = 0
+    gid: int = 0
+    mtime: float = 0.0
+    size: int = 0
+    offset: int = 0  # of the data in the uncompressed tar
+    target: str = ""  # a symlink's target as written; a HARDLINK's target path, normalised
+    link: int = -1  # hard-link group, -1 for none
+    rdev: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def st_mode(self) -> int:
+        return _S_IFMT[self.kind] | (self.mode & 0o7777)
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+    def to_row(self) -> list:
+        row = [self.path, self.kind, self.mode, self.uid, self.gid, self.mtime, self.size, self.offset, self.target, self.link, self.rdev]
+        if self.xattrs:
+            row.append({k: base64.b64encode(v).decode() for k, v in self.xattrs.items()})
+        return row
+
+    @classmethod
+    def from_row(cls, row: list) -> "Entry":
+        xattrs = {k: base64.b64decode(v) for k, v in row[11].items()} if len(row) > 11 else {}
+        return cls(*row[:11], xattrs=xattrs)
+
+
+@dataclass
+class LayerIndex:
+    """What one layer holds, in tar order after duplicates were resolved."""
+
+    digest: str
+    compression: str
+    entries: list[Entry]
+    tar_size: int = 0  # bytes of the uncompressed tar
+    spans: list[tuple[int, str]] = field(default_factory=list)  # gzip: (start in the blob, sha256 hex) of each span
+    zran: bytes = b""  # gzip: the exported inflate checkpoints
+    skipped: int = 0  # members refused (escaping names, dangling hard links)
+
+
+def index_path(root: Path, digest: str) -> Path:
+    return root / "indexes" / "sha256" / f"{digest.partition(':')[2]}.v{VERSION}"
+
+
+def save(root: Path, index: LayerIndex) -> Path:
+    """Write atomically: a reader sees a whole index or none."""
+    path = index_path(root, index.digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {
+        "version": VERSION, "digest": index.digest, "compression": index.compression, "tar_size": index.tar_size,
+        "entries": len(index.entries), "skipped": index.skipped, "spans": index.spans,
+        "zran": base64.b64encode(index.zran).decode(),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", compresslevel=6, encoding="utf-8") as out:
+        out.write(json.dumps(head) + "\n")
+        for e in index.entries:
+            out.write(json.dumps(e.to_row(), separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(root: Path, digest: str) -> LayerIndex | None:
+    """The persisted index of ``digest``, or None if there is none (or it is unreadable: rebuild)."""
+    path = index_path(root, digest)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            head = json.loads(f.readline())
+            if head.get("version") != VERSION or head.get("digest") != digest:
+                return None
+            entries = [Entry.from_row(json.loads(line)) for line in f]
+    except FileNotFoundError:
+        return None
+    except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
+        log.warning("index %s is unreadable (%s): rebuilding it", path, exc)
+        return None
+    if len(entries) != head["entries"]:
+        return None
+    return LayerIndex(digest, head["compression"], entries, head["tar_size"], [tuple(s) for s in head["spans"]],
+                      base64.b64decode(head["zran"]), head.get("skipped", 0))

@@ -1,0 +1,242 @@
+"""Layer indexes for one mount: built or loaded once per layer, and file bytes read through them.
+
+The first look inside a layer's ``fs/`` or a manifest's ``rootfs/`` asks :meth:`Layers.index`.
+A persisted index (``CACHE/indexes/``) is loaded; otherwise the layer is fetched whole and
+verified (``BlobReader.prefetch``: the index is built only from bytes that match the digest) and
+one pass in a worker thread inflates it, lists its tar and records the gzip checkpoints. Many
+lookups of one layer wait for one build.
+
+Reading a file (:meth:`Layers.read`):
+
+- plain tar: the member's bytes are a range of the blob, read through the ``BlobReader``;
+- gzip: inflate from the checkpoint before the offset; the compressed spans come from the
+  committed blob if it is here, else from the registry, one Range request per span, each verified
+  against the index (an evicted blob costs only the spans read);
+- zstd: no checkpoints (a zstd:chunked TOC is not read yet): the blob is completed and inflated
+  from its start; a reader continues from where the last read of that layer stopped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import os
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+
+import trio
+
+from ..descriptors import Descriptor
+from ..errors import InvalidLayer, RegistryError
+from ..reader import BlobReader
+from . import entries, tarindex, zran
+from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStatistics:
+    built: int = 0
+    loaded: int = 0
+    spans_fetched: int = 0
+    span_bytes_fetched: int = 0
+
+
+def sniff(head: bytes) -> str:
+    """What a layer's bytes are, from their magic: docker trusts this over the media type."""
+    if head[:2] == b"\x1f\x8b":
+        return GZIP
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return ZSTD
+    return PLAIN
+
+
+class _Counting(io.RawIOBase):
+    """The committed blob as a raw stream, counting bytes consumed for the progress log."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f, self.consumed = f, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(buf)
+        self.consumed += n
+        return n
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.consumed = self.f.seek(offset, whence)
+        return self.consumed
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def build(path: str, desc: Descriptor) -> LayerIndex:
+    """The index of the committed blob at ``path`` (blocking: run it in a thread)."""
+    start = time.monotonic()
+    label = desc.ref_key
+    with open(path, "rb", buffering=0) as f:
+        compression = sniff(f.read(4))
+        f.seek(0)
+        raw = _Counting(f)
+        zran_state, spans = b"", []
+        if compression == GZIP:
+            # Two inflates, measured cheaper than one through indexed_gzip's reader (0.27 + 0.2 s
+            # against 0.63 s for 40 MiB), whose index is not marked complete by reading to the end.
+            try:
+                zran_state, spans = zran.checkpoints(raw, path, desc.size)
+                f.seek(0)
+                raw.consumed = 0
+                with gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20)) as gz:
+                    found, tar_size, skipped = tarindex.scan(gz, label, lambda: raw.consumed)
+            except (OSError, EOFError, ValueError, zlib.error, zran.ZranError) as exc:
+                raise InvalidLayer(f"{label}: not a gzip'd tar: {exc}") from exc
+        elif compression == ZSTD:
+            import zstandard
+
+            try:
+                with zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20) as z:
+                    found, tar_size, skipped = tarindex.scan(z, label, lambda: raw.consumed)
+            except zstandard.ZstdError as exc:
+                raise InvalidLayer(f"{label}: not a zstd'd tar: {exc}") from exc
+        else:
+            found, tar_size, skipped = tarindex.scan(io.BufferedReader(raw, 1 << 20), label, lambda: raw.consumed)
+    log.info("indexed %s: %d entries (%d skipped), %s, %.0f MiB uncompressed, %d spans, in %.2f s",
+             label, len(found), skipped, compression, tar_size / 2**20, len(spans), time.monotonic() - start)
+    return LayerIndex(desc.digest, compression, found, tar_size, spans, zran_state, skipped)
+
+
+class Layers:
+    """Indexes and file reads for the layers of one mount."""
+
+    def __init__(self, reader: BlobReader) -> None:
+        self.reader = reader
+        self.root = reader.store.root
+        self._indexes: dict[str, LayerIndex] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._gz: dict[str, zran.RandomAccess] = {}
+        self._zstd: dict[str, _ZstdCursor] = {}
+        self.stats = LayerStatistics()
+
+    def cached(self, desc: Descriptor) -> LayerIndex | None:
+        return self._indexes.get(desc.digest)
+
+    async def index(self, desc: Descriptor) -> LayerIndex:
+        """The index of ``desc``: from memory, from the cache, or built now (once, however many ask)."""
+        found = self._indexes.get(desc.digest)
+        if found is not None:
+            return found
+        async with self._locks.setdefault(desc.digest, trio.Lock()):
+            if desc.digest not in self._indexes:
+                found = await trio.to_thread.run_sync(entries.load, self.root, desc.digest)
+                if found is not None:
+                    self.stats.loaded += 1
+                else:
+                    found = await self._build(desc)
+                self._indexes[desc.digest] = found
+        return self._indexes[desc.digest]
+
+    async def _build(self, desc: Descriptor) -> LayerIndex:
+        log.info("indexing %s (%d bytes): fetching it whole first", desc.ref_key, desc.size)
+        await self._complete(desc)
+        path = self.reader.store.path(desc.digest)
+        built = await trio.to_thread.run_sync(build, str(path), desc)
+        await trio.to_thread.run_sync(entries.save, self.root, built)
+        self.stats.built += 1
+        return built
+
+    async def _complete(self, desc: Descriptor) -> None:
+        """Make the blob committed (fetched whole, digest checked)."""
+        await self.reader.prefetch(desc)
+        if self.reader.store.path(desc.digest) is None:
+            raise RegistryError(f"{desc.ref_key} could not be fetched and verified; see the log")
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes of ``entry``'s data at ``offset``."""
+        size = min(size, entry.size - offset)
+        if size <= 0:
+            return b""
+        index = await self.index(desc)
+        pos = entry.offset + offset
+        if index.compression == PLAIN:
+            return await self.reader.read(desc, pos, size)
+        if index.compression == GZIP:
+            ra = self._gz.get(desc.digest)
+            if ra is None:
+                raw = zran.SpanFile(desc.size, index.spans, self._span_fetcher(desc), desc.ref_key)
+                ra = self._gz[desc.digest] = await trio.to_thread.run_sync(zran.RandomAccess, raw, index.zran)
+            try:
+                data = await trio.to_thread.run_sync(ra.pread, pos, size)
+            except BaseException:
+                self._gz.pop(desc.digest, None)  # its inflate state is unknown now: start afresh next time
+                raise
+        else:
+            await self._complete(desc)
+            cursor = self._zstd.setdefault(desc.digest, _ZstdCursor(str(self.reader.store.path(desc.digest))))
+            data = await trio.to_thread.run_sync(cursor.pread, pos, size)
+        if len(data) != size:
+            raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
+        return data
+
+    def _span_fetcher(self, desc: Descriptor):
+        """Compressed bytes for a worker thread: from the committed blob, else one Range request."""
+        store, fetcher, stats = self.reader.store, self.reader.fetcher, self.stats
+
+        async def fetch(start: int, end: int) -> bytes:
+            parts = []
+            async with fetcher.open(desc, start, end) as stream:
+                async for chunk in stream:
+                    parts.append(chunk)
+            stats.spans_fetched += 1
+            stats.span_bytes_fetched += sum(map(len, parts))
+            return b"".join(parts)
+
+        def get(start: int, end: int) -> bytes:
+            path = store.path(desc.digest)
+            if path is not None:
+                with open(path, "rb") as f:
+                    return os.pread(f.fileno(), end - start, start)
+            return trio.from_thread.run(fetch, start, end)
+
+        return get
+
+
+class _ZstdCursor:
+    """One forward-only decompressor per zstd layer; a read behind it starts again from the top."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self._f = None
+        self._z = None
+
+    def pread(self, offset: int, size: int) -> bytes:
+        import zstandard
+
+        with self.lock:
+            if self._z is None or self._z.tell() > offset:
+                if self._f is not None:
+                    self._f.close()
+                self._f = open(self.path, "rb")
+                self._z = zstandard.ZstdDecompressor().stream_reader(self._f, read_size=1 << 20)
+            self._z.seek(offset)
+            parts, left = [], size
+            while left:
+                chunk = self._z.read(left)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                left -= len(chunk)
+            return b"".join(parts)

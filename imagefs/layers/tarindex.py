@@ -1,0 +1,157 @@
+"""One streaming pass over a layer's uncompressed tar: its members, as :class:`Entry`.
+
+Python's :mod:`tarfile` in stream mode (``r|``) does the format work — PAX headers (long names,
+``SCHILY.xattr.*``), GNU long names and links, old ustar — and tells where each member's data
+starts. What this module adds is the layer semantics:
+
+- names are normalised as a container runtime sees them: ``./etc/x`` and ``etc/x/`` are ``etc/x``;
+- a name that would escape the layer (a ``..`` component, an absolute path) is refused with a
+  warning, and so is a hard link whose target would: the rest of the layer works;
+- a hard link to a path not in the layer is kept as :data:`HARDLINK`: ``rootfs/`` resolves it
+  against the layers below, as extraction onto them does (docker, umoci); ``fs/`` cannot show it;
+- a member appearing twice: the last wins (what extraction in tar order leaves on disk);
+- a member under a path held by a non-directory turns that path into a directory, as extraction
+  would have to.
+
+Memory stays flat: ``TarFile.members`` is cleared as we go, so 500,000 members cost only their
+:class:`Entry` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import IO, Callable
+
+from ..errors import InvalidLayer
+from .entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+
+log = logging.getLogger(__name__)
+
+_KINDS = {
+    tarfile.REGTYPE: FILE, tarfile.AREGTYPE: FILE, tarfile.CONTTYPE: FILE, tarfile.GNUTYPE_SPARSE: FILE,
+    tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: SYMLINK, tarfile.CHRTYPE: CHAR, tarfile.BLKTYPE: BLOCK, tarfile.FIFOTYPE: FIFO,
+}
+XATTR_PREFIX = "SCHILY.xattr."
+PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
+
+
+def normalise(name: str) -> str | None:
+    """A member name as a path inside the layer, or None if it would escape it."""
+    if name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+@dataclass
+class _Scan:
+    """The members seen so far: path -> Entry in order of their last appearance."""
+
+    label: str
+    entries: dict[str, Entry] = field(default_factory=dict)
+    skipped: int = 0
+    serial: int = 0
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped += 1
+        if self.skipped <= 20:
+            log.warning("%s: skipping member %r: %s", self.label, name, why)
+        elif self.skipped == 21:
+            log.warning("%s: more members skipped; not logging each", self.label)
+
+    def put(self, entry: Entry) -> None:
+        old = self.entries.pop(entry.path, None)
+        if old is not None and old.kind == DIR and entry.kind != DIR:
+            self._drop_below(entry.path)
+        head = entry.path.rpartition("/")[0]
+        while head:  # a member under a non-directory: the path must have become a directory
+            parent = self.entries.get(head)
+            if parent is not None and parent.kind != DIR:
+                self.entries[head] = Entry(head, DIR, 0o755, mtime=parent.mtime)
+            head = head.rpartition("/")[0]
+        self.entries[entry.path] = entry
+
+    def _drop_below(self, path: str) -> None:
+        prefix = path + "/"
+        for p in [p for p in self.entries if p.startswith(prefix)]:
+            del self.entries[p]
+
+
+def _entry(info: tarfile.TarInfo, path: str, scan: _Scan) -> Entry | None:
+    if info.type == tarfile.LNKTYPE:
+        target = normalise(info.linkname)
+        if not target:
+            scan.skip(info.name, f"hard link to {info.linkname!r}, which escapes the layer")
+            return None
+        source = scan.entries.get(target)
+        if source is None:
+            return Entry(path, HARDLINK, 0, target=target)
+        if source.kind != FILE:
+            scan.skip(info.name, f"hard link to {info.linkname!r}, which is not a file")
+            return None
+        if source.link < 0:
+            source.link = scan.serial
+            scan.serial += 1
+        # A hard link is its target's inode: its data, mode and owner.
+        return Entry(path, FILE, source.mode, source.uid, source.gid, source.mtime, source.size, source.offset,
+                     link=source.link, xattrs=source.xattrs)
+    kind = _KINDS.get(info.type)
+    if kind is None:
+        scan.skip(info.name, f"unsupported member type {info.type!r}")
+        return None
+    xattrs = {
+        k[len(XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
+        for k, v in info.pax_headers.items() if k.startswith(XATTR_PREFIX)
+    }
+    rdev = os.makedev(info.devmajor, info.devminor) if kind in (CHAR, BLOCK) else 0
+    size = info.size if kind == FILE else 0
+    return Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, float(info.mtime), size, info.offset_data,
+                 info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs)
+
+
+def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = None) -> tuple[list[Entry], int, int]:
+    """Read the tar from ``fileobj`` once; return (entries, uncompressed size, members skipped).
+
+    ``progress`` returns how many compressed bytes were consumed, for the log line every few seconds.
+    """
+    s = _Scan(label)
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|", errorlevel=1)
+    except tarfile.ReadError as exc:
+        raise InvalidLayer(f"{label} is not a tar archive: {exc}") from exc
+    last = time.monotonic()
+    count = 0
+    try:
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError) as exc:  # a truncated or damaged tail: keep what was read
+                log.warning("%s: tar ends badly after %d members: %s", label, count, exc)
+                break
+            if info is None:
+                break
+            tar.members.clear()  # stream mode keeps every TarInfo otherwise
+            count += 1
+            path = normalise(info.name)
+            if path is None:
+                s.skip(info.name, "the name escapes the layer")
+                continue
+            if path == "" and info.type != tarfile.DIRTYPE:
+                s.skip(info.name, "the layer's root must be a directory")
+                continue
+            entry = _entry(info, path, s)
+            if entry is not None:
+                s.put(entry)
+            if progress is not None and time.monotonic() - last > PROGRESS_EVERY:
+                last = time.monotonic()
+                log.info("indexing %s: %d members, %.0f MiB read", label, count, progress() / 2**20)
+        tar_size = tar.offset
+    finally:
+        tar.close()
+    return list(s.entries.values()), tar_size, s.skipped

@@ -1,0 +1,171 @@
+"""Layer indexes without FUSE: tar semantics, hostile members, whiteouts, persistence, gzip spans."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import time
+
+import pytest
+
+from imagefs.descriptors import Descriptor
+from imagefs.errors import DigestMismatch
+from imagefs.layers import entries, service, zran
+from imagefs.layers.entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK
+from imagefs.layers.merge import merge
+from imagefs.layers.tarindex import normalise
+from imagefs.testing import images as im
+from tests.support.tars import M, dir_, layer
+
+
+def build(tmp_path, blob: im.Blob):
+    path = tmp_path / blob.digest.partition(":")[2]
+    path.write_bytes(blob.data)
+    return service.build(str(path), Descriptor(blob.media_type, blob.digest, blob.size))
+
+
+def by_path(index) -> dict[str, entries.Entry]:
+    return {e.path: e for e in index.entries}
+
+
+def test_normalise():
+    assert normalise("./etc/passwd") == "etc/passwd"
+    assert normalise("etc//x/") == "etc/x"
+    assert normalise("./") == ""
+    assert normalise("/etc/passwd") is None
+    assert normalise("a/../../x") is None
+    assert normalise("..") is None
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none", "zstd"])
+def test_members_metadata_and_offsets(tmp_path, compression):
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+    long = "deep/" + "n" * 120 + "/file.txt"
+    members = [
+        dir_("./"), dir_("./etc"), M("./etc/passwd", b"root:x:0:0\n", uid=0),
+        M("./usr/bin/su", b"su binary", mode=0o4755, uid=0, gid=0),
+        dir_("tmp", 0o1777),
+        M("dev/null", kind=tarfile.CHRTYPE, major=1, minor=3, mode=0o666),
+        M("dev/sda", kind=tarfile.BLKTYPE, major=8, minor=0, mode=0o660, gid=6),
+        M("run/fifo", kind=tarfile.FIFOTYPE),
+        M("bin/sh", kind=tarfile.SYMTYPE, link="/bin/busybox", mode=0o777),
+        M("bin/busybox", b"busybox" * 1000, mode=0o755, uid=1000, gid=1000),
+        M("bin/ls", kind=tarfile.LNKTYPE, link="./bin/busybox"),
+        M(long, b"long name"),
+        M("cap", b"x", pax={"SCHILY.xattr.security.capability": "\x01\x02", "SCHILY.xattr.user.k": "v"}),
+    ]
+    blob = layer(members, compression)
+    idx = build(tmp_path, blob)
+    got = by_path(idx)
+    tar = im.uncompressed(blob)
+    assert got[""].kind == DIR
+    assert got["etc/passwd"].kind == FILE and tar[got["etc/passwd"].offset:][:11] == b"root:x:0:0\n"
+    assert got["usr/bin/su"].mode == 0o4755
+    assert got["usr/bin/su"].st_mode & 0o4000
+    assert got["tmp"].mode == 0o1777
+    assert got["dev/null"].kind == CHAR and got["dev/null"].rdev == os.makedev(1, 3)
+    assert got["dev/sda"].kind == BLOCK and got["dev/sda"].gid == 6
+    assert got["run/fifo"].kind == FIFO
+    assert got["bin/sh"].kind == SYMLINK and got["bin/sh"].target == "/bin/busybox"
+    bb, ls = got["bin/busybox"], got["bin/ls"]
+    assert ls.link == bb.link >= 0 and (ls.offset, ls.size, ls.uid) == (bb.offset, bb.size, 1000)
+    assert tar[got[long].offset:][:9] == b"long name"
+    assert got["cap"].xattrs == {"security.capability": b"\x01\x02", "user.k": b"v"}
+    assert idx.compression == {"gzip": "gzip", "none": "tar", "zstd": "zstd"}[compression]
+
+
+def test_gnu_long_names(tmp_path):
+    long = "g/" + "x" * 150
+    blob = layer([M(long, b"gnu"), M("g/l", kind=tarfile.SYMTYPE, link="y" * 150)], "none", fmt=tarfile.GNU_FORMAT)
+    got = by_path(build(tmp_path, blob))
+    assert got[long].size == 3 and got["g/l"].target == "y" * 150
+
+
+def test_hostile_members_are_skipped_and_the_rest_works(tmp_path, caplog):
+    members = [
+        M("../escape", b"no"), M("/etc/abs", b"no"), M("a/../../b", b"no"),
+        M("ok/one", b"first"), M("ok/one", b"second"),  # duplicate: the last wins
+        M("hl", kind=tarfile.LNKTYPE, link="../../etc/shadow"),
+        M("hl2", kind=tarfile.LNKTYPE, link="not/here"),
+        M("hl3", kind=tarfile.LNKTYPE, link="ok"),  # a directory: refused
+        M("file", b"f"), M("file/under", b"u"),  # a member below a file makes it a directory
+        dir_("d"), M("d/x", b"x"), M("d", b"now a file"),  # a file replacing a directory drops its contents
+        M("ok/two", b"2"),
+    ]
+    got = by_path(build(tmp_path, layer(members)))
+    # "ok" is implied, not a member; links to paths not in the layer wait for rootfs/ to resolve them.
+    assert set(got) == {"ok/one", "ok/two", "file", "file/under", "d", "hl2", "hl3"}
+    assert got["hl2"].kind == got["hl3"].kind == HARDLINK and got["hl2"].target == "not/here"
+    assert set(merge([[e("not", DIR), e("not/here"), e("ok", DIR)], list(got.values())]).items) == {
+        "not", "not/here", "hl2", "ok", "ok/one", "ok/two", "file", "file/under", "d"}
+    assert got["ok/one"].size == len("second")
+    assert got["file"].kind == DIR and got["d"].kind == FILE
+    assert "escapes the layer" in caplog.text and "hard link" in caplog.text
+
+
+def test_large_layer_index_is_small_and_loads_fast(tmp_path):
+    members = [dir_(f"d{i}") for i in range(100)] + [M(f"d{i % 100}/file-{i}", b"%d" % i) for i in range(20_000)]
+    blob = layer(members)
+    t = time.monotonic()
+    idx = build(tmp_path, blob)
+    built = time.monotonic() - t
+    assert len(idx.entries) == 20_100
+    path = entries.save(tmp_path / "cache", idx)
+    assert path.name.endswith(".v1") and path.stat().st_size < 400_000
+    t = time.monotonic()
+    again = entries.load(tmp_path / "cache", blob.digest)
+    loaded = time.monotonic() - t
+    assert again.entries == idx.entries
+    assert built < 10 and loaded < 2, (built, loaded)
+
+
+def test_a_damaged_index_is_rebuilt_not_fatal(tmp_path):
+    idx = build(tmp_path, layer([M("a", b"a")]))
+    path = entries.save(tmp_path, idx)
+    path.write_bytes(b"garbage")
+    assert entries.load(tmp_path, idx.digest) is None
+
+
+def e(path, kind=FILE, **kw):
+    return entries.Entry(path, kind, 0o755 if kind == DIR else 0o644, **kw)
+
+
+def test_whiteouts():
+    lower = [e("a", DIR), e("a/x"), e("a/y"), e("b", DIR), e("b/deep", DIR), e("b/deep/f"), e("c"), e("o", DIR), e("o/old"),
+             e("keep")]
+    upper = [e("a/.wh.x"), e(".wh.b"), e("o/new"), e("o/.wh..wh..opq"), e(".wh..wh.plnk"), e("c", DIR), e("c/now")]
+    m = merge([lower, upper])
+    assert set(m.items) == {"a", "a/y", "c", "c/now", "o", "o/new", "keep"}
+    assert list(m.children["o"]) == ["new"]
+    raw = merge([upper], whiteouts=False)
+    assert "a/.wh.x" in raw.items and "o/.wh..wh..opq" in raw.items
+
+
+def test_hard_link_counts_follow_whiteouts():
+    lower = [e("f", link=0), e("g", link=0), e("h", link=0)]
+    m = merge([lower, [e(".wh.g")]])
+    assert m.nlink[(0, 0)] == 2
+
+
+def test_gzip_spans_are_verified(tmp_path):
+    data = im.random_bytes(10 << 20, 1)
+    blob = im.tar_layer({"big": data, "small": b"hello"})
+    idx = build(tmp_path, blob)
+    assert len(idx.spans) >= 3
+    got = by_path(idx)
+    fetched = []
+
+    def fetch(start, end):
+        fetched.append((start, end))
+        return blob.data[start:end]
+
+    ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, fetch, "t"), idx.zran)
+    off = got["big"].offset + (6 << 20)
+    assert ra.pread(off, 4096) == data[6 << 20 : (6 << 20) + 4096]
+    assert sum(e - s for s, e in fetched) < 2 * zran.SPACING + 65536  # one span, two at most: never the blob
+    bad = bytearray(blob.data)
+    bad[fetched[0][0] + 10] ^= 0xFF
+    ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, lambda s, e: bytes(bad[s:e]), "t"), idx.zran)
+    with pytest.raises(DigestMismatch):
+        ra.pread(off, 4096)
