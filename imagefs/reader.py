@@ -34,7 +34,7 @@ from .handlers import MEDIATYPE_LABEL, Backoff, Fetcher
 log = logging.getLogger(__name__)
 
 MAX_OPEN_BLOBS = 256
-SPAN = 1 << 20  # what a random read costs; chosen by bench/run (see bench/RESULTS.md)
+SPAN = 256 << 10  # what a random read costs; chosen by bench/run (see bench/RESULTS.md)
 MAX_WINDOW = 128 << 20  # a sequential reader's readahead, at most
 MAX_REQUEST = 64 << 20  # one Range request, at most: registries charge per request
 MAX_REQUESTS_PER_BLOB = 3

@@ -268,7 +268,13 @@ class Writer:
             raise DigestMismatch(f"{self.ref}: registry sent more than the {self.size} bytes the descriptor says")
         self._ops += 1
         try:
-            await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
+            if offset == self.hashed and not self._hash_lock.locked():
+                # in order: hash it in the same trip to the worker thread, no read-back later
+                async with self._hash_lock:
+                    await trio.to_thread.run_sync(_pwrite_and_hash, self.fd, data, offset, self._hash)
+                    self.hashed = offset + len(data)
+            else:
+                await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
         finally:
             self._ops -= 1
             if self.closed:
@@ -374,6 +380,11 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _pwrite_and_hash(fd: int, data: bytes, offset: int, hasher) -> None:
+    _pwrite_all(fd, data, offset)
+    hasher.update(data)
 
 
 def _hash_file(path: Path, hasher, start: int, end: int) -> int:
