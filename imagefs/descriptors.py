@@ -54,7 +54,7 @@ ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOC
 # Manifests are small; anything larger is hostile or broken, and is never buffered.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+SHA256_RE = re.compile(r"^sha256:[a-f0-9]{64}$")  # the only digests the store holds
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Descriptor:
         media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
         if not isinstance(media_type, str) or not media_type:
             raise InvalidManifest(f"{where}: missing mediaType")
-        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        if not isinstance(digest, str) or not SHA256_RE.match(digest):
             raise InvalidManifest(f"{where}: digest {digest!r} is not sha256:<64 hex>")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > 1 << 50:
             raise InvalidManifest(f"{where}: invalid size {size!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .descriptors import SHA256_RE
 from .errors import InvalidReference
 
 DEFAULT_REGISTRY = "docker.io"
@@ -18,7 +19,6 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
-_SHA256_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def parse(text: str) -> Reference:
     rest, digest = text, None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
-        if digest.startswith("sha256:") and not _SHA256_RE.match(digest):
+        if digest.startswith("sha256:") and not SHA256_RE.match(digest):
             raise InvalidReference(f"invalid reference {text!r}: a sha256 digest is 64 lowercase hex digits")
         if not _DIGEST_RE.match(digest):
             raise InvalidReference(f"invalid reference {text!r}: bad digest {digest!r}")

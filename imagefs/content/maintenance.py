@@ -35,10 +35,11 @@ from ..descriptors import (
 from ..errors import ImagefsError
 from ..handlers import GC_REF, GC_ROOT, MEDIATYPE_LABEL
 from . import filelock
+from ..descriptors import SHA256_RE
 from .local import LocalStore
 
 HEX_RE = re.compile(r"^[a-f0-9]{64}$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+DIGEST_RE = SHA256_RE  # for gc and fsck
 
 
 @dataclass(frozen=True)
