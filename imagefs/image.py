@@ -14,7 +14,7 @@ from typing import Callable
 import trio
 
 from .content.local import LocalStore, now_rfc3339
-from .descriptors import Descriptor, Platform, children, has_children, is_index, sniff_media_type
+from .descriptors import LAYER_TYPES, Descriptor, Platform, children, has_children, is_index, sniff_media_type
 from .errors import PlatformNotFound, RegistryUnreachable
 from .handlers import GC_ROOT, Fetcher, dispatch, fetch
 from .reference import Reference
@@ -69,6 +69,12 @@ class Image:
         if self.store.path(self.root.digest) is not None and GC_ROOT not in self.store.labels(self.root.digest):
             # Committed earlier as someone's child: it is a root now.
             self.store.update_labels(self.root.digest, {GC_ROOT: now_rfc3339()})
+
+    def selected_layers(self) -> list[Descriptor]:
+        """The layers of the selected image manifest(s), each once, in order."""
+        layers = {kid.digest: kid for man in self.selected for kid in self.children.get(man.ref_key, [])[1:]
+                  if kid.media_type in LAYER_TYPES}
+        return list(layers.values())
 
     def _select(self, index: Descriptor, kids: list[Descriptor]) -> list[Descriptor]:
         manifests = [k for k in kids if has_children(k)]

@@ -17,8 +17,9 @@ import trio
 
 from ..content.local import LocalStore
 from ..content.mounts import registered
-from ..descriptors import LAYER_TYPES, Platform
+from ..descriptors import Descriptor, Platform
 from ..errors import ImagefsError
+from ..handlers import dispatch
 from ..image import Image, resolve_root
 from ..layers.service import Layers
 from ..reader import SPAN, BlobReader
@@ -121,39 +122,31 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
 
 async def _prefetch(image: Image, reader: BlobReader) -> None:
     """Complete every layer of the selected platform(s), two at a time, as ``--prefetch`` asks."""
-    limiter = trio.CapacityLimiter(2)
-    layers = {kid.digest: kid for man in image.selected for kid in image.children.get(man.ref_key, [])[1:]}
-
+    layers = image.selected_layers()
     failed = 0
 
-    async def one(desc) -> None:
+    async def one(desc: Descriptor) -> list[Descriptor]:
         nonlocal failed
-        async with limiter:
-            try:
-                await reader.prefetch(desc)
-            except ImagefsError as exc:  # a reader of that blob will see it too; the mount goes on
-                failed += 1
-                log.error("prefetch of %s failed: %s", desc.ref_key, exc)
+        try:
+            await reader.prefetch(desc)
+        except ImagefsError as exc:  # a reader of that blob will see it too; the mount goes on
+            failed += 1
+            log.error("prefetch of %s failed: %s", desc.ref_key, exc)
+        return []
 
-    async with trio.open_nursery() as nursery:
-        for desc in layers.values():
-            nursery.start_soon(one, desc)
+    await dispatch(one, layers, limit=2)
     log.info("prefetch complete: %d layers%s", len(layers) - failed, f", {failed} failed" if failed else "")
 
 
 async def _index(image: Image, layers: Layers) -> None:
     """Build (or load) the index of every layer of the selected platform(s), as ``--index`` asks."""
-    limiter = trio.CapacityLimiter(2)
-    found = {kid.digest: kid for man in image.selected for kid in image.children.get(man.ref_key, [])[1:]
-             if kid.media_type in LAYER_TYPES}
+    found = image.selected_layers()
 
-    async def one(desc) -> None:
-        async with limiter:
-            await layers.index(desc)
+    async def one(desc: Descriptor) -> list[Descriptor]:
+        await layers.index(desc)
+        return []
 
-    async with trio.open_nursery() as nursery:
-        for desc in found.values():
-            nursery.start_soon(one, desc)
+    await dispatch(one, found, limit=2)  # a failing layer is one clear error, not a group
     log.info("indexes ready: %d layers", len(found))
 
 
