@@ -60,7 +60,7 @@ class Backoff:
         await trio.sleep(self.next_delay())
 
 
-async def acquire(ingester: Ingester, desc: Descriptor, *, on_wait: Callable[[], None] | None = None) -> Writer | None:
+async def acquire(ingester: Ingester, desc: Descriptor) -> Writer | None:
     """The writer for ``desc``, or None once it is committed (by us or anyone else)."""
     backoff = Backoff()
     while True:
@@ -71,8 +71,6 @@ async def acquire(ingester: Ingester, desc: Descriptor, *, on_wait: Callable[[],
         except Unavailable as exc:
             if backoff.waits == 0 or backoff.retry == RETRY_MAX_MS:
                 log.debug("waiting for %s", exc)
-            if on_wait:
-                on_wait()
             await backoff.wait()  # cancellation of the caller ends the wait
 
 

@@ -215,6 +215,8 @@ class BlobReader:
         """The shared state of a blob being fetched: take the store's writer, backing off while
         another holder (another process, or a whole-blob fetch) has it. With ``patience``, give up
         after :data:`CONTENDED_PATIENCE` seconds by raising :class:`_Contended`."""
+        # Not handlers.acquire: while we back off, another task of this mount may take the writer,
+        # and then we join its _Blob instead of waiting for the commit.
         backoff = Backoff()
         give_up = trio.current_time() + CONTENDED_PATIENCE
         while True:
@@ -310,7 +312,7 @@ class BlobReader:
             blob.claimed.remove(req.start, req.end)
             blob.requests.discard(req)
             writer.save()
-            writer._notify()
+            writer.notify()
 
     def _after_write(self, blob: _Blob) -> None:
         """Hash the growing prefix in the background; commit once every byte is here."""
@@ -351,7 +353,7 @@ class BlobReader:
         finally:
             if self._blobs.get(desc.digest) is blob:
                 del self._blobs[desc.digest]
-            writer._notify()
+            writer.notify()
 
     async def prefetch(self, desc: Descriptor) -> None:
         """Fetch the whole blob and commit it (``--prefetch``, layer indexes); raise why if it fails.

@@ -212,7 +212,6 @@ class Writer:
                 os.close(self.fd)
             shutil.rmtree(self.dir, ignore_errors=True)
             raise ImagefsError(f"{ref}: cannot make an ingest of {size} bytes in {store.ingests}: {exc.strerror}") from exc
-        self.resumed = self.present.total()
         self.hashed = 0
         self._hash = hashlib.sha256()
         self._hash_lock = trio.Lock()
@@ -282,7 +281,7 @@ class Writer:
         if self.closed:
             raise self.error or ImagefsError(f"{self.ref}: writer is closed")
         self.present.add(offset, offset + len(data))
-        self._notify()
+        self.notify()
 
     def save(self) -> None:
         """Record which ranges are present, so a crash or unmount loses no fetched byte.
@@ -309,7 +308,8 @@ class Writer:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
+        """Wake every reader waiting on this blob (bytes landed, or a claim on them ended)."""
         self._changed.set()
         self._changed = trio.Event()
 
@@ -328,7 +328,7 @@ class Writer:
         if actual != self.digest:
             raise DigestMismatch(f"{self.ref}: content has digest {actual}, expected {self.digest}")
         self.verified = True
-        self._notify()
+        self.notify()
 
     async def commit(self, labels: dict[str, str] | None = None) -> Path:
         """Verify, then make the blob permanent; a mismatch raises (the caller aborts)."""
@@ -367,7 +367,7 @@ class Writer:
             self.lock.close()
         if self._ops == 0:
             self._close_fd()
-        self._notify()
+        self.notify()
 
     def _close_fd(self) -> None:
         if self.fd >= 0:
