@@ -228,18 +228,19 @@ def _log_file(args) -> Path:
     return args.cache_dir / "logs" / f"{readable}-{name}.log"
 
 
-def _setup_logging(debug: bool, stream=None, path: Path | None = None) -> None:
+def _setup_logging(debug: bool, path: Path | None = None, level: int = logging.INFO) -> None:
+    """Log to ``path`` (a background mount) or stderr; ``level`` when not ``debug``."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     else:
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("imagefs: %(levelname)s: %(message)s" if not debug else
                                                "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(logging.DEBUG if debug else level)
     if not debug:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("httpcore").setLevel(logging.WARNING)

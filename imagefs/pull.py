@@ -260,12 +260,10 @@ def _cache_dir(args) -> Path:
 
 
 def _quiet_logging(debug: bool) -> None:
-    """Warnings (e.g. the offline fallback) as one ``imagefs: warning:`` line; info stays quiet."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("imagefs: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    """Warnings (e.g. the offline fallback) as one ``imagefs: WARNING:`` line; info stays quiet."""
+    from .cli import _setup_logging
+
+    _setup_logging(debug, level=logging.WARNING)
 
 
 def run_pull(args) -> int:
