@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import pyfuse3
 
@@ -21,33 +23,52 @@ from .views import View, populate
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 LINK_MODE = stat.S_IFLNK | 0o777
+_NO_NAMES: Sequence[bytes] = ()
+_NO_INDEX: Mapping[bytes, int] = MappingProxyType({})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
+    """One inode. Slotted, and a file shares the empty ``names``/``index`` of every file: a mount
+    that lists 500,000 files of an image holds 500,000 of these.
+
+    A directory of the descriptor tree lists ``names`` (its index maps them to inodes). A view
+    directory (in ``fs/``, ``rootfs/``) lists ``kids`` instead: the child nodes themselves, each
+    named by its tar entry's path, so the image's names are not held a second time as bytes; a
+    child whose name is not its entry's (a hard link) is kept as ``(name, node)``. Its ``index``
+    is built on the first lookup inside it (:meth:`Tree.child`).
+    """
+
     inode: int
     mode: int
     desc: Descriptor | None = None  # the descriptor a descriptor dir or blob file stands for
     data: bytes | None = None  # contents of a static file
     target: bytes = b""  # symlink target
-    names: list[bytes] = field(default_factory=list)  # dir entries, in order
-    index: dict[bytes, int] = field(default_factory=dict)  # name -> inode
+    names: Sequence[bytes] = _NO_NAMES  # dir entries, in order (a list once the first is added)
+    index: Mapping[bytes, int] = field(default_factory=lambda: _NO_INDEX)  # name -> inode
     nlink: int = 1
     # Inside fs/ and rootfs/: the view this node belongs to, the tar entry it shows (None for a
-    # view's top), its path in the view, and whether its entries are still to be listed.
+    # view's top), and whether its entries are still to be listed.
     view: View | None = None
     item: Item | None = None
-    path: str = ""
     pending: bool = False
+    kids: "list[Node | tuple[bytes, Node]] | None" = None
 
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def path(self) -> str:
+        """The path in its view (a directory's entry is its own, never a hard link's)."""
+        return self.item.entry.path if self.item is not None else ""
+
     def add(self, name: bytes, inode: int) -> None:
+        if self.names is _NO_NAMES:
+            self.names, self.index = [], {}
         if name not in self.index:
-            self.index[name] = inode
-            self.names.append(name)
+            self.index[name] = inode  # type: ignore[index]
+            self.names.append(name)  # type: ignore[attr-defined]
 
 
 class Tree:
@@ -56,8 +77,8 @@ class Tree:
     def __init__(self, image: Image, tag: str | None = None) -> None:
         self.image = image
         self.layers: Layers | None = None  # set by Operations: what reads layer indexes
-        self.nodes: dict[int, Node] = {}
-        self.top = self._new(DIR_MODE, inode=pyfuse3.ROOT_INODE)
+        self.nodes: list[Node] = []  # inode n is nodes[n - ROOT_INODE]: numbered in order of creation
+        self.top = self._new(DIR_MODE)  # the first node: ROOT_INODE
         self.top.nlink = 2
         self.dirs: dict[str, Node] = {}  # ref key -> descriptor dir
         self.blobs: dict[str, Node] = {}  # digest -> blob file (one inode however it is reached)
@@ -81,9 +102,9 @@ class Tree:
 
     # -- building -------------------------------------------------------------------------------
 
-    def _new(self, mode: int, inode: int | None = None, **kw) -> Node:
-        node = Node(inode if inode is not None else len(self.nodes) + pyfuse3.ROOT_INODE, mode, **kw)
-        self.nodes[node.inode] = node
+    def _new(self, mode: int, **kw) -> Node:
+        node = Node(len(self.nodes) + pyfuse3.ROOT_INODE, mode, **kw)
+        self.nodes.append(node)
         return node
 
     def _dir(self, parent: Node, name: bytes, desc: Descriptor | None = None) -> Node:
@@ -144,5 +165,31 @@ class Tree:
         await self.image.expand(desc)
         self._add_children(desc)
 
+    def listing(self, node: Node, start: int = 0) -> Iterator[tuple[bytes, Node]]:
+        """``node``'s entries from position ``start``: positions stay valid (entries are only appended)."""
+        kids = node.kids
+        if kids is not None:
+            for i in range(start, len(kids)):
+                kid = kids[i]
+                if type(kid) is tuple:
+                    yield kid
+                else:
+                    yield kid.item.entry.path.rpartition("/")[2].encode("utf-8", "surrogateescape"), kid
+        else:
+            names, index, nodes = node.names, node.index, self.nodes
+            for i in range(start, len(names)):
+                yield names[i], nodes[index[names[i]] - pyfuse3.ROOT_INODE]
+
+    def child(self, node: Node, name: bytes) -> Node | None:
+        """The entry ``name`` of directory ``node``, or None."""
+        if node.kids and not node.index:  # a view directory's first lookup: name it now
+            node.index = {n: kid.inode for n, kid in self.listing(node)}
+        inode = node.index.get(name)
+        return None if inode is None else self.nodes[inode - pyfuse3.ROOT_INODE]
+
     def get(self, inode: int) -> Node:
-        return self.nodes[inode]
+        """The node of ``inode``; KeyError for one this mount never handed out."""
+        n = inode - pyfuse3.ROOT_INODE
+        if 0 <= n < len(self.nodes):
+            return self.nodes[n]
+        raise KeyError(inode)

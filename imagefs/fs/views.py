@@ -51,28 +51,31 @@ class View:
 
 
 async def populate(tree: "Tree", node: "Node") -> None:
-    """Give a view directory its entries (the first time anyone looks inside it)."""
+    """Give a view directory its entries (the first time anyone looks inside it).
+
+    The merged tree hands each directory's entries over as they become inodes
+    (:meth:`Merged.take`), so an image browsed whole is held once, as inodes, not twice.
+    """
     view = node.view
     async with view.lock:
         if not node.pending:
             return
         merged = await view.load(tree.layers)
-        prefix = node.path + "/" if node.path else ""
-        for name in merged.children.get(node.path, ()):
-            path = prefix + name
-            item = merged.items[path]
+        kids = node.kids = []
+        for path, item in merged.take(node.path):
             child = view.links.get(item.key) if item.key is not None else None
             if child is None:
                 entry = item.entry
-                child = tree._new(entry.st_mode, item=item, view=view, path=path)
+                child = tree._new(entry.st_mode, item=item, view=view)
                 if entry.kind == DIR:
                     child.pending = True
-                    kids = merged.children.get(path, {})
-                    child.nlink = 2 + sum(merged.items[f"{path}/{k}"].entry.kind == DIR for k in kids)
+                    below = merged.children.get(path, ())
+                    child.nlink = 2 + sum(merged.items[k].entry.kind == DIR for k in below)
                 elif entry.kind == SYMLINK:
                     child.target = entry.target.encode("utf-8", "surrogateescape")
                 if item.key is not None:
                     child.nlink = merged.nlink[item.key]
                     view.links[item.key] = child
-            node.add(name.encode("utf-8", "surrogateescape"), child.inode)
+            # named by its entry's path, as Tree.listing does, unless it is a hard link seen by another name
+            kids.append(child if child.item.entry.path == path else (path.rpartition("/")[2].encode("utf-8", "surrogateescape"), child))
         node.pending = False

@@ -18,7 +18,7 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """A visible entry: which layer (by position in the view) holds it."""
 
@@ -34,7 +34,12 @@ class Item:
 
 @dataclass
 class Merged:
-    """``items``: path -> Item; ``children``: directory path -> names in order; ``nlink`` per link group."""
+    """``items``: path -> Item; ``children``: directory path -> its entries' paths, in order;
+    ``nlink`` per link group.
+
+    ``children`` holds full paths (the very string objects that key ``items`` and sit in each
+    Entry), not names: a name apiece would be one more string per member of the image.
+    """
 
     items: dict[str, Item] = field(default_factory=dict)
     children: dict[str, dict[str, None]] = field(default_factory=lambda: {"": {}})
@@ -44,23 +49,28 @@ class Merged:
         item = self.items.pop(path, None)
         if item is None:
             return
-        head, _, name = path.rpartition("/")
-        self.children.get(head, {}).pop(name, None)
+        self.children.get(path.rpartition("/")[0], {}).pop(path, None)
         self._unlink(item)
         below = self.children.pop(path, None)
         for kid in below or ():
-            self.remove(f"{path}/{kid}" if path else kid)
+            self.remove(kid)
 
     def clear(self, path: str) -> None:
         """Remove everything below ``path`` (an opaque directory)."""
         for kid in list(self.children.get(path, ())):
-            self.remove(f"{path}/{kid}" if path else kid)
+            self.remove(kid)
+
+    def take(self, path: str) -> list[tuple[str, Item]]:
+        """Hand over directory ``path``'s entries and forget them here (each directory is listed
+        once, into inodes): browsing the whole image then never holds the tree twice."""
+        kids = self.children.pop(path, {})
+        return [(kid, self.items.pop(kid)) for kid in kids]
 
     def put(self, path: str, item: Item) -> None:
         if path == "":
             self.items[""] = item
             return
-        head, _, name = path.rpartition("/")
+        head = path.rpartition("/")[0]
         self._ensure_dir(head, item.layer)
         old = self.items.get(path)
         if old is not None and not (old.entry.kind == DIR and item.entry.kind == DIR):
@@ -68,7 +78,7 @@ class Merged:
         elif old is not None:
             self._unlink(old)
         self.items[path] = item
-        self.children[head][name] = None
+        self.children[head][path] = None
         if item.entry.kind == DIR:
             self.children.setdefault(path, {})
         if item.key is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from ..errors import InvalidLayer
-from .entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK, Entry
+from .entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, NO_XATTRS, SYMLINK, Entry, Interner
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class _Scan:
     entries: dict[str, Entry] = field(default_factory=dict)
     skipped: int = 0
     serial: int = 0
+    modes: Interner = field(default_factory=Interner)  # few distinct values among many members
+    mtimes: Interner = field(default_factory=Interner)
 
     def skip(self, name: str, why: str) -> None:
         self.skipped += 1
@@ -108,11 +110,11 @@ def _entry(info: tarfile.TarInfo, path: str, scan: _Scan) -> Entry | None:
     xattrs = {
         k[len(XATTR_PREFIX):]: v.encode("utf-8", "surrogateescape")
         for k, v in info.pax_headers.items() if k.startswith(XATTR_PREFIX)
-    }
+    } if info.pax_headers else NO_XATTRS
     rdev = os.makedev(info.devmajor, info.devminor) if kind in (CHAR, BLOCK) else 0
     size = info.size if kind == FILE else 0
-    return Entry(path, kind, info.mode & 0o7777, info.uid, info.gid, float(info.mtime), size, info.offset_data,
-                 info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs)
+    return Entry(path, kind, scan.modes(info.mode & 0o7777), info.uid, info.gid, scan.mtimes(float(info.mtime)), size, info.offset_data,
+                 info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs or NO_XATTRS)
 
 
 def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = None) -> tuple[list[Entry], int, int]:
