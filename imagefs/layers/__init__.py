@@ -8,4 +8,6 @@
   sha256 per compressed span, so a read fetches and verifies only the spans it needs.
 - :mod:`.merge` — applies layers in order with OCI whiteouts: the tree a view lists.
 - :mod:`.service` — :class:`Layers`: builds or loads indexes once per layer, reads file bytes.
+- :mod:`.lazy`, :mod:`.toc`, :mod:`.estargz`, :mod:`.zstdchunked` — layers with their own TOC
+  (eStargz, zstd:chunked): listed from the TOC alone, read chunk by chunk, every chunk verified.
 """

@@ -12,8 +12,10 @@ Reading a file (:meth:`Layers.read`):
 - gzip: inflate from the checkpoint before the offset; the compressed spans come from the
   committed blob if it is here, else from the registry, one Range request per span, each verified
   against the index (an evicted blob costs only the spans read);
-- zstd: no checkpoints (a zstd:chunked TOC is not read yet): the blob is completed and inflated
-  from its start; a reader continues from where the last read of that layer stopped.
+- zstd: no checkpoints: the blob is completed and inflated from its start; a reader continues
+  from where the last read of that layer stopped;
+- eStargz and zstd:chunked (:mod:`.lazy`): listed from their verified TOC without fetching the
+  blob, and read chunk by chunk, each chunk checked against its digest.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import os
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from ..descriptors import Descriptor
 from ..errors import InvalidLayer, RegistryError
 from ..reader import BlobReader
-from . import entries, tarindex, zran
+from . import entries, lazy, tarindex, zran
 from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class LayerStatistics:
     loaded: int = 0
     spans_fetched: int = 0
     span_bytes_fetched: int = 0
+    toc: lazy.TocStatistics = field(default_factory=lazy.TocStatistics)  # eStargz / zstd:chunked
 
 
 def sniff(head: bytes) -> str:
@@ -127,6 +130,7 @@ class Layers:
         self._gz: dict[str, zran.RandomAccess] = {}
         self._zstd: dict[str, _ZstdCursor] = {}
         self.stats = LayerStatistics()
+        self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.stats.toc, reader.nursery)
 
     def cached(self, desc: Descriptor) -> LayerIndex | None:
         return self._indexes.get(desc.digest)
@@ -138,7 +142,11 @@ class Layers:
             return found
         async with self._locks.setdefault(desc.digest, trio.Lock()):
             if desc.digest not in self._indexes:
-                found = await trio.to_thread.run_sync(entries.load, self.root, desc.digest)
+                lazily = await self.toc.load(desc)  # a cached TOC first: it reads without the blob
+                if lazily is not None:
+                    found = lazily.index
+                else:
+                    found = await trio.to_thread.run_sync(entries.load, self.root, desc.digest)
                 if found is not None:
                     self.stats.loaded += 1
                 else:
@@ -147,8 +155,16 @@ class Layers:
         return self._indexes[desc.digest]
 
     async def _build(self, desc: Descriptor) -> LayerIndex:
+        lazily = await self.toc.open(desc)  # an annotated TOC: no whole fetch
+        if lazily is not None:
+            self.stats.built += 1
+            return lazily.index
         log.info("indexing %s (%d bytes): fetching it whole first", desc.ref_key, desc.size)
         await self._complete(desc)
+        lazily = await self.toc.open_committed(desc)  # verified with the blob: its own TOC lists it
+        if lazily is not None:
+            self.stats.built += 1
+            return lazily.index
         path = self.reader.store.path(desc.digest)
         built = await trio.to_thread.run_sync(build, str(path), desc)
         await trio.to_thread.run_sync(entries.save, self.root, built)
@@ -169,6 +185,11 @@ class Layers:
         if size <= 0:
             return b""
         index = await self.index(desc)
+        if index.compression in lazy.FORMATS:
+            data = await self.toc.read(desc, entry, offset, size)
+            if len(data) != size:
+                raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
+            return data
         pos = entry.offset + offset
         if index.compression == PLAIN:
             return await self.reader.read(desc, pos, size)

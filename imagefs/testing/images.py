@@ -92,6 +92,7 @@ class Blob:
     media_type: str
     data: bytes = field(repr=False)
     refs: tuple[Blob, ...] = field(default=(), repr=False)
+    annotations: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # on its descriptor (eStargz's TOC digest)
 
     @cached_property
     def digest(self) -> str:
@@ -104,6 +105,8 @@ class Blob:
     def descriptor(self, **extra: Any) -> dict[str, Any]:
         """An OCI descriptor for this blob; ``None``-valued extras are left out."""
         desc: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            desc["annotations"] = dict(self.annotations)
         desc.update((k, v) for k, v in extra.items() if v is not None)
         return desc
 
@@ -284,7 +287,8 @@ def uncompressed(blob: Blob | bytes) -> bytes:
     if data[:4] == b"\x28\xb5\x2f\xfd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        # every frame: a zstd:chunked layer is many (skippable ones included)
+        return zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(data)
     return data
 
 
