@@ -39,6 +39,8 @@ install_python() {
 import importlib.metadata as m, pyfuse3, trio, httpx, rich, indexed_gzip, zstandard, pytest, pytest_trio, hypothesis, cryptography, bcrypt  # noqa
 import imagefs, os
 assert os.path.samefile(os.path.dirname(imagefs.__file__), os.path.join(os.getcwd(), "imagefs"))
+import importlib.util, shutil  # the passthrough shim (C) is built by pip where there is a compiler
+assert not shutil.which("cc") or importlib.util.find_spec("imagefs.fs._passthrough")
 PY
     say "installing imagefs and its Python dependencies (pip)"
     "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "running pip as the 'root' user" >&2 || true

@@ -20,6 +20,7 @@ import trio
 from .content.local import default_cache_dir
 from .descriptors import Platform
 from .errors import ImagefsError
+from .fs import passthrough
 from .registry.hosts import default_hosts_dir
 
 log = logging.getLogger("imagefs")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_dir_arg(m)
     m.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground; logs go to stderr")
     _registry_args(m)
+    m.add_argument("--no-passthrough", action="store_true",
+                   help="serve every read through the mount; by default the kernel reads cached, verified blobs "
+                   "straight from the cache (FUSE passthrough, Linux >= 6.9, as root)")
     m.add_argument("--debug", action="store_true", help="log every request and FUSE operation")
     m.add_argument("--log-file", type=Path, metavar="FILE",
                    help="where a background mount logs (default: CACHE/logs/<mountpoint>.log)")
@@ -250,6 +254,11 @@ def cmd_mount(args) -> int:
     from .fs.mount import MountOptions, check_mountpoint, serve
 
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
+    if args.no_passthrough:
+        os.environ[passthrough.ENV] = "0"
+    if args.foreground:  # the passthrough shim must be loaded before libfuse: start again with it
+        passthrough.reexec_preloaded(args.argv)
+        passthrough.forget_preload()
     password = _read_password(args)
     check_mountpoint(args.mountpoint)
     if not args.foreground:
@@ -268,6 +277,7 @@ def cmd_mount(args) -> int:
         index=args.index,
         span=args.span_size,
         debug=args.debug,
+        passthrough=not args.no_passthrough,
         **registry_options(args, password),
     )
 
@@ -345,7 +355,7 @@ def _spawn_background(args, password: str | None = None) -> int:
     cmd = [sys.executable, "-m", "imagefs", *args.argv, "--foreground", "--ready-fd", str(w), "--cache-dir", str(args.cache_dir)]
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL if password is None else subprocess.PIPE,
-                                stdout=logf, stderr=logf, start_new_session=True)
+                                stdout=logf, stderr=logf, start_new_session=True, env=passthrough.preload_env())
     if password is not None and proc.stdin is not None:
         proc.stdin.write(password.encode())
         proc.stdin.close()

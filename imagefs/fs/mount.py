@@ -28,6 +28,7 @@ from ..registry.client import RegistryClient
 from ..registry.credentials import credentials_for
 from . import kernel
 from .operations import Operations
+from .passthrough import Passthrough
 from .tree import Tree
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class MountOptions:
     timeout: float = 30.0
     mirrors: tuple[str, ...] = ()
     hosts_dir: Path | None = None
+    passthrough: bool = True  # let the kernel read committed blobs from the cache (fs/passthrough.py)
 
 
 def check_mountpoint(path: Path) -> None:
@@ -103,7 +105,10 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 options.add("allow_other")
             if opts.debug:
                 options.add("debug")
-            pyfuse3.init(Operations(tree, reader, layers), str(opts.mountpoint), options)
+            passthrough = Passthrough(opts.cache_dir) if opts.passthrough else None
+            pyfuse3.init(Operations(tree, reader, layers, passthrough), str(opts.mountpoint), options)
+            if passthrough is not None:
+                passthrough.start()
             try:
                 nursery.start_soon(_signals, nursery)
                 log.info("mounted %s at %s", ref, opts.mountpoint)

@@ -23,6 +23,7 @@ from ..errors import ImagefsError
 from ..handlers import GC_REF, GC_ROOT
 from ..layers.service import Layers
 from ..reader import BlobReader, Handle
+from .passthrough import INODE_MASK, Passthrough
 from .tree import Node, Tree
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def _fuse_errors(cls):
 class Operations(pyfuse3.Operations):
     """Answers the kernel from a :class:`Tree`; blobs come through a :class:`BlobReader`."""
 
-    def __init__(self, tree: Tree, reader: BlobReader, layers: Layers | None = None) -> None:
+    def __init__(self, tree: Tree, reader: BlobReader, layers: Layers | None = None,
+                 passthrough: Passthrough | None = None) -> None:
         super().__init__()
         self.tree = tree
         self.reader = reader
@@ -71,6 +73,8 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.handles: dict[int, tuple[Node, Handle | None]] = {}
         self._next_fh = 0
+        self.passthrough = passthrough
+        self.readdirs = 0  # READDIR requests answered (the kernel answers cached directories itself)
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -113,10 +117,10 @@ class Operations(pyfuse3.Operations):
         if name == b".":
             return self._attr(parent)
         await self.tree.expand(parent)
-        inode = parent.index.get(name)
-        if inode is None:
+        child = self.tree.child(parent, name)
+        if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(self.tree.get(inode))
+        return self._attr(child)
 
     async def readlink(self, inode, ctx):
         node = self._node(inode)
@@ -131,14 +135,15 @@ class Operations(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         await self.tree.expand(node)  # looking inside a manifest fetches it
+        if node.view is not None and self.passthrough is not None:
+            return self.passthrough.cached_dir(inode)  # a listing inside a layer never changes
         return inode
 
     async def readdir(self, fh, start_id, token):
-        node = self._node(fh)
+        node = self._node(fh & INODE_MASK)
+        self.readdirs += 1
         # Offsets are positions in an append-only list, so they survive discovery.
-        for i in range(start_id, len(node.names)):
-            name = node.names[i]
-            child = self.tree.get(node.index[name])
+        for i, (name, child) in enumerate(self.tree.listing(node, start_id), start_id):
             if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
                 return
 
@@ -159,6 +164,13 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=True)
         # Keep the page cache only for verified bytes: an open while a blob streams starts afresh.
         keep = node.data is not None or (node.desc is not None and self.reader.committed(node.desc))
+        if node.desc is not None and self.passthrough is not None:
+            if keep:  # verified bytes on disk: the kernel can read them itself
+                fh = self.passthrough.open(inode, self.reader.store.path(node.desc.digest), self._next_fh)
+                if fh is not None:  # (the kernel refuses keep_cache with passthrough: it has no cache of its own)
+                    self.handles[fh] = (node, None)
+                    return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+            self.passthrough.cached_open(inode)
         self.handles[self._next_fh] = (node, self.reader.open(node.desc, inode) if node.desc else None)
         return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=keep)
 
@@ -185,7 +197,9 @@ class Operations(pyfuse3.Operations):
         return self.reader.read_committed(desc, off, size)
 
     async def release(self, fh):
-        self.handles.pop(fh, None)
+        node, _ = self.handles.pop(fh, (None, None))
+        if node is not None and node.desc is not None and self.passthrough is not None and not Passthrough.is_passthrough(fh):
+            self.passthrough.cached_release(node.inode)
 
     # -- extended attributes --------------------------------------------------------------------
 
@@ -194,7 +208,10 @@ class Operations(pyfuse3.Operations):
         desc = node.desc
         if desc is None:
             if node.inode == pyfuse3.ROOT_INODE:  # what this mount has done, for benchmarks and curious users
-                return {XATTR_USER + b"imagefs.statistics": json.dumps(asdict(self.reader.statistics())).encode()}
+                stats = asdict(self.reader.statistics())
+                stats["passthrough_opens"] = self.passthrough.opens if self.passthrough else 0
+                stats["readdirs"] = self.readdirs
+                return {XATTR_USER + b"imagefs.statistics": json.dumps(stats).encode()}
             return {}
         out: dict[str, str] = {}
         if desc.digest == self.image.root.digest:
@@ -224,11 +241,15 @@ class Operations(pyfuse3.Operations):
         if node.view is not None:
             value = (node.item.entry.xattrs if node.item else {}).get(name.decode("utf-8", "surrogateescape"))
             if value is None:
-                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR if name.startswith(XATTR_USER) else errno.EOPNOTSUPP)
             return value
-        # ls -l asks every entry for security.* and system.* names: answer without fetching.
+        # ls -l asks every entry for security.selinux and system.posix_acl_access. EOPNOTSUPP (not
+        # ENOATTR) is "no such namespace here": coreutils and libacl then stop asking for the rest of
+        # the device — one round trip per listing instead of two per entry (measured: ls -l of 20,000
+        # entries 8.1 s -> see bench/rootfs). Never ENOSYS: the kernel would drop getxattr for
+        # the whole mount, user.* included.
         if not name.startswith(XATTR_USER):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         wants_children = name.startswith(XATTR_USER + GC_REF.encode())
         value = (await self._xattrs(node, children=wants_children)).get(name)
         if value is None:
