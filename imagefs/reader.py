@@ -8,8 +8,9 @@ claimed bytes wait, woken the moment bytes land. So 64 readers of one cold blob 
 send it about once.
 
 Each open file follows its own access pattern: a random read fetches one span; a sequential reader
-grows a readahead window (span → 128 MiB) and issues the next request before the current one runs
-dry, so ``cat`` streams at close to download speed while ``dd skip=…`` costs a span.
+grows a readahead window (4 → 128 MiB, never more than twice what it has read) and issues the next
+request before the current one runs dry — also while it is served from bytes that landed early — so
+``cat`` streams at close to download speed while ``dd skip=…`` costs a span.
 
 Bytes are served as they land, unverified — except that a complete blob is served only after its
 digest is checked: the read that finishes a blob waits for the commit. A blob that fails that
@@ -73,6 +74,7 @@ class Handle:
     failures: int
     next_offset: int = 0
     window: int = 0
+    streamed: int = 0  # bytes read since the current sequential stream began
 
 
 @dataclass(eq=False)
@@ -189,6 +191,8 @@ class BlobReader:
                     raise exc if isinstance(exc, ImagefsError) else RegistryError(f"{desc.ref_key}: {exc!r}")
             writer = blob.writer
             if writer.present.covers(offset, end) and (writer.verified or not (self.strict or writer.complete)):
+                if sequential and not writer.complete:
+                    self._readahead(blob, end, handle.window)  # a stream served from landed bytes keeps fetching ahead
                 data = writer.pread(offset, end - offset)
                 self._count(data, "ingest_hits")
                 return data
@@ -207,7 +211,15 @@ class BlobReader:
         else:
             slack = max(SEQUENTIAL_SLACK, handle.window)
             sequential = handle.next_offset - slack <= offset <= handle.next_offset + slack
-        handle.window = min(max(handle.window * 2, FIRST_WINDOW), MAX_WINDOW) if sequential else 0
+        if sequential:
+            # Readahead runs on reads of landed bytes too, so it must stay in proportion to the
+            # stream: at most twice what it has read (``head -c 3M`` costs a few MiB, ``cat``
+            # reaches the full window after 64 MiB).
+            handle.streamed += end - offset
+            handle.window = min(handle.window * 2, MAX_WINDOW, 2 * handle.streamed)
+            handle.window = max(handle.window, FIRST_WINDOW)
+        else:
+            handle.window = handle.streamed = 0
         handle.next_offset = max(handle.next_offset, end) if sequential else end
         return sequential
 
@@ -264,11 +276,15 @@ class BlobReader:
         hi = min(size, -(-end // self.span) * self.span)
         self._claim(blob, lo, hi)
         if window:
-            # Ask for the next stretch while the current one still has half a window to go.
-            horizon = min(size, end + window)
-            frontier = self._frontier(blob, end, horizon)
-            if frontier < min(size, end + window // 2) + 1 or frontier < horizon and not blob.requests:
-                self._claim(blob, frontier, horizon)
+            self._readahead(blob, end, window)
+
+    def _readahead(self, blob: _Blob, end: int, window: int) -> None:
+        """Ask for the next stretch while the current one still has half a window to go."""
+        size = blob.desc.size
+        horizon = min(size, end + window)
+        frontier = self._frontier(blob, end, horizon)
+        if frontier < min(size, end + window // 2) + 1 or frontier < horizon and not blob.requests:
+            self._claim(blob, frontier, horizon)
 
     def _frontier(self, blob: _Blob, pos: int, limit: int) -> int:
         """The first byte at or after ``pos`` that is neither present nor claimed."""

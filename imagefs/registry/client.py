@@ -11,8 +11,9 @@ retries with jittered backoff (:mod:`.retry`) for 429, 5xx, resets and timeouts.
 in the middle resumes from the byte where it stopped, with a closed ``Range``, on the host that
 was serving it, and a host that ignores ``Range`` or answers 416 still yields the right bytes:
 callers of :meth:`RegistryClient.open` see one stream of exactly the bytes they asked for, or an
-:class:`~imagefs.errors.ImagefsError`. Redirects (Docker Hub sends blobs to a CDN) are followed
-by httpx, which keeps ``Range`` and drops ``Authorization`` when the origin changes.
+:class:`~imagefs.errors.ImagefsError` (:mod:`.blobstream`). Redirects (Docker Hub sends blobs to a
+CDN) are followed by httpx, which keeps ``Range`` and drops ``Authorization`` when the origin
+changes. Long ranges of a blob httpx has fetched once are read off the trio thread (:mod:`.direct`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ from ..errors import (
 )
 from ..reference import Reference
 from .auth import Credentials, RegistryAuth
-from .credentials import ssl_context, tls_failure
+from .blobstream import BlobStream, reason as _reason
+from .credentials import ssl_context
+from .direct import DirectClient
 from .hosts import LOOPBACK_HOSTS, Endpoint, endpoints, uses_plain_http
 from .retry import FALLBACK_ATTEMPTS, FETCH, RESOLVE, RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
 
@@ -65,7 +68,6 @@ MIRROR_COOLDOWN = 30.0
 #: Error bodies are read for the registry's message, never more than this.
 MAX_ERROR_BODY = 64 * 1024
 
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 T = TypeVar("T")
 
 
@@ -97,6 +99,7 @@ class _Host:
     endpoint: Endpoint
     http: httpx.AsyncClient
     role: str
+    tls: bool | ssl.SSLContext  # what ``http`` verifies with: the direct path uses the same
 
     @property
     def upstream(self) -> bool:
@@ -154,6 +157,9 @@ class RegistryClient:
         self.requests = 0
         self.bytes_received = 0
         found = endpoints(ref.registry, f"{scheme}://{ref.host}", mirrors=mirrors, hosts_dir=hosts_dir, plain_http=plain_http)
+        self._tls = tls
+        # A custom transport (tests' MockTransport) is httpx's alone: no socket of our own then.
+        self._direct = None if transport is not None else DirectClient(timeout=timeout, connect_timeout=min(timeout, 10.0))
         self._hosts = [self._host(ep, "registry" if i == len(found) - 1 else "mirror", transport)
                        for i, ep in enumerate(found)]
         self._down_until: dict[str, float] = {}
@@ -163,19 +169,22 @@ class RegistryClient:
     def _host(self, ep: Endpoint, role: str, transport: httpx.AsyncBaseTransport | None) -> _Host:
         """A host shares the mount's client (its TLS options, its auth) unless hosts.toml sets its own."""
         if not ep.own_tls and ep.dial_timeout is None:
-            return _Host(ep, self._http, role)
+            return _Host(ep, self._http, role, self._tls)
         connect = ep.dial_timeout if ep.dial_timeout is not None else min(self.timeout, 10.0)
+        tls = ep.tls()
         http = httpx.AsyncClient(
             auth=self._auth,
-            verify=ep.tls(),
+            verify=tls,
             timeout=httpx.Timeout(self.timeout, connect=connect),
             follow_redirects=True,
             transport=transport,
             headers={"User-Agent": "imagefs/0.1"},
         )
-        return _Host(ep, http, role)
+        return _Host(ep, http, role, tls)
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         for client in {id(h.http): h.http for h in self._hosts if h.http is not self._http}.values():
             await client.aclose()
         await self._http.aclose()
@@ -284,7 +293,7 @@ class RegistryClient:
         on entry, so a blob that is nowhere raises here; later failures raise from the iterator.
         """
         end = desc.size if end is None else min(end, desc.size)
-        stream = _BlobStream(self, desc, start, end)
+        stream = BlobStream(self, desc, start, end)
         chunks = stream.chunks()
         try:
             if start < end:
@@ -310,7 +319,7 @@ class RegistryClient:
         for url in desc.urls:
             if urlsplit(url).scheme in ("http", "https"):
                 origin = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
-                sources.append(_Source(_Host(Endpoint(origin + "/v2"), upstream.http, "url"), url, "url"))
+                sources.append(_Source(_Host(Endpoint(origin + "/v2"), upstream.http, "url", upstream.tls), url, "url"))
         return sources
 
     # -- hosts and fallback ---------------------------------------------------------------------
@@ -426,213 +435,11 @@ class RegistryClient:
         raise RegistryError(f"{self.ref.name}: {what}: registry answered {code}{detail}")
 
 
-class _BlobStream:
-    """Bytes ``[pos, end)`` of one blob as one stream, whatever the network does in between.
-
-    Sources are tried in order (see :meth:`RegistryClient._blob_sources`): on ``NotFound`` the
-    next one, on another failure the next *host*. A body cut short is asked for again from
-    ``pos`` with ``Range: bytes=pos-(end-1)`` on the same source, so nothing already received is
-    fetched twice; an answer that starts before ``pos`` (a 200 from a server that ignores Range,
-    or a 206 wider than asked) is skipped up to it; a 416 gets one more try without Range.
-    """
-
-    def __init__(self, client: RegistryClient, desc: Descriptor, start: int, end: int) -> None:
-        self.client = client
-        self.desc = desc
-        self.pos = start
-        self.end = end
-        self.what = f"blob {desc.digest}"
-        self.sources: list[_Source] | None = None
-        self.index = 0
-        self.errors: list[ImagefsError] = []
-        self.resp: httpx.Response | None = None
-        self.raw: AsyncIterator[bytes] | None = None
-        self.skip = 0
-        self.whole = False  # after a 416 or a wrong range: ask this source for whole bodies
-        self.retrier: Retrier | None = None
-
-    @property
-    def source(self) -> _Source:
-        assert self.sources is not None
-        return self.sources[self.index]
-
-    async def connect(self) -> None:
-        """Have ``self.resp`` positioned at ``pos``: on the current source, else the next ones."""
-        if self.sources is None:
-            self.sources = self.client._blob_sources(self.desc)
-        while True:
-            try:
-                await self._open(self.source)
-                return
-            except ImagefsError as exc:
-                await self._fail_over(exc)
-
-    async def _fail_over(self, error: ImagefsError) -> None:
-        """Move to the next source that may help, or raise the error that explains most."""
-        assert self.sources is not None
-        self.errors.append(error)
-        current = self.source
-        nxt = self.index + 1
-        if not isinstance(error, NotFound):  # this host is failing: its other paths will too
-            while nxt < len(self.sources) and self.sources[nxt].host is current.host:
-                nxt += 1
-        if nxt >= len(self.sources):
-            # A NotFound from a last resort (a foreign URL) should not hide that the registry failed.
-            worst = [e for e in self.errors if not isinstance(e, NotFound)]
-            raise (worst or self.errors)[-1]
-        if current.host is not self.sources[nxt].host:
-            nxt_source = self.sources[nxt]
-            target = nxt_source.host if nxt_source.kind != "url" else _origin(nxt_source.url)
-            self.client._failed_over(current.host, error, target)
-        self.index = nxt
-        self.retrier = None
-        self.whole = False
-
-    def _retrier_for(self, source: _Source) -> Retrier:
-        assert self.sources is not None
-        last_host = self.sources[-1].host
-        policy = self.client.retry
-        if source.host is not last_host:
-            policy = policy.with_attempts(FALLBACK_ATTEMPTS)
-        return Retrier(policy, f"GET at {source.host.label}")
-
-    async def _open(self, source: _Source) -> None:
-        if self.retrier is None:
-            self.retrier = self._retrier_for(source)
-        client = self.client
-        while True:
-            headers = {"Accept-Encoding": "identity"}  # a CDN must not gzip the bytes we hash
-            if source.kind == "manifests":
-                headers["Accept"] = f"{self.desc.media_type}, {ACCEPT_MANIFESTS}"
-            ranged = not self.whole and (self.pos > 0 or self.end < self.desc.size)
-            if ranged:
-                headers["Range"] = f"bytes={self.pos}-{self.end - 1}"
-            params = None if source.kind != "url" else {}
-            resp = await client._request(source.host, "GET", source.url, headers=headers, what=self.what,
-                                         retrier=self.retrier, params=params)
-            status = resp.status_code
-            if status == 206:
-                first = _range_start(resp.headers.get("content-range"))
-                if first is None:
-                    first = self.pos if ranged else 0
-                if first > self.pos:
-                    await resp.aclose()
-                    if self.whole:
-                        raise RegistryError(f"{client.ref.name}: {self.what}: registry sent a range starting at "
-                                            f"{first} for a request of the whole blob")
-                    log.debug("%s: asked for bytes from %d, got a range from %d; asking for the whole blob",
-                              self.what, self.pos, first)
-                    self.whole = True
-                    continue
-                self.skip = self.pos - first
-                total = _range_total(resp.headers.get("content-range"))
-            elif status == 200:
-                if ranged:
-                    log.debug("%s: %s ignored Range; skipping %d bytes", self.what, source.host.label, self.pos)
-                self.skip = self.pos
-                length = resp.headers.get("content-length")
-                total = int(length) if length and length.isdigit() else None
-            elif status == 416 and not self.whole:
-                error = await client._status_error(resp, self.what, source.host)
-                log.debug("%s: 416 for bytes=%d-%d (%s); asking for the whole blob", self.what, self.pos, self.end - 1, error)
-                self.whole = True
-                continue
-            else:
-                raise await client._status_error(resp, self.what, source.host)
-            mismatch = self._mismatch(resp, total)
-            if mismatch is not None:
-                await resp.aclose()
-                raise mismatch
-            self.resp = resp
-            self.raw = resp.aiter_raw()  # no chunk_size: re-chunking copies every byte (measured 2.5x slower)
-            return
-
-    def _mismatch(self, resp: httpx.Response, total: int | None) -> RegistryError | None:
-        """A host whose blob is encoded or has another size than the descriptor's cannot have our bytes."""
-        encoding = resp.headers.get("content-encoding", "identity")
-        if encoding != "identity":
-            return RegistryError(f"{self.source.host.label}: {self.what}: sent with Content-Encoding {encoding}, "
-                                 "not as the blob's own bytes")
-        if total is not None and total != self.desc.size:
-            return RegistryError(f"{self.source.host.label}: {self.what}: the host's blob has {total} bytes, "
-                                 f"the descriptor says {self.desc.size}")
-        return None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while self.pos < self.end:
-            if self.resp is None:
-                await self.connect()
-            assert self.raw is not None and self.retrier is not None
-            try:
-                chunk: bytes | None = await self.raw.__anext__()
-            except StopAsyncIteration:
-                chunk = None
-            except httpx.TransportError as exc:
-                await self.drop()
-                error = RegistryError(f"{self.what} from {self.source.host.endpoint.netloc}: connection lost at byte "
-                                      f"{self.pos} of {self.end}: {_reason(exc)}")
-                if isinstance(exc, httpx.TimeoutException):
-                    error = self.client._transport_error(exc, self.source.host)
-                if retryable_transport(exc) and await self.retrier.wait(error):
-                    continue
-                await self._fail_over(self.retrier.gave_up(error))
-                continue
-            if chunk is None:
-                await self.drop()
-                error = RegistryError(f"{self.what} from {self.source.host.endpoint.netloc}: the stream ended at byte "
-                                      f"{self.pos} of {self.end}")
-                if await self.retrier.wait(error):
-                    continue
-                await self._fail_over(self.retrier.gave_up(error))
-                continue
-            if self.skip:
-                if len(chunk) <= self.skip:
-                    self.skip -= len(chunk)
-                    continue
-                chunk = chunk[self.skip:]
-                self.skip = 0
-            chunk = chunk[: self.end - self.pos]
-            self.pos += len(chunk)
-            self.client.bytes_received += len(chunk)
-            self.retrier.progress()
-            yield chunk
-        await self.drop()
-
-    async def drop(self) -> None:
-        """Let go of the current response (its connection is not reused after a partial read)."""
-        raw, self.raw = self.raw, None
-        resp, self.resp = self.resp, None
-        if raw is not None:
-            await raw.aclose()  # type: ignore[attr-defined]
-        if resp is not None:
-            await resp.aclose()
-
-
-def _range_start(value: str | None) -> int | None:
-    match = _CONTENT_RANGE.match(value or "")
-    return int(match.group(1)) if match else None
-
-
-def _range_total(value: str | None) -> int | None:
-    match = _CONTENT_RANGE.match(value or "")
-    return int(match.group(3)) if match and match.group(3).isdigit() else None
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def _log_rate_limit(host: _Host, resp: httpx.Response) -> None:
     """Docker Hub's pull allowance (``ratelimit-limit: 100;w=21600``), for ``--debug``."""
     limit, remaining = resp.headers.get("ratelimit-limit"), resp.headers.get("ratelimit-remaining")
     if limit or remaining:
         log.debug("%s: rate limit: ratelimit-remaining %s, ratelimit-limit %s", host.label, remaining or "?", limit or "?")
-
-
-def _reason(exc: Exception) -> str:
-    text = tls_failure(exc) or str(exc) or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _error_detail(resp: httpx.Response) -> str:

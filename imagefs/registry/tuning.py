@@ -1,4 +1,4 @@
-"""Make httpx fast enough to stream layers.
+"""Make httpx fast enough to stream layers, and size the direct body path (:mod:`.direct`).
 
 httpcore reads an HTTP/1.1 response 64 KiB at a time, and each read is a trip through h11 and the
 trio socket layer. Measured here on a loopback registry (400 MiB blob, one stream): 354 MB/s at
@@ -9,6 +9,15 @@ HTTP/1.1 connection; if a future httpcore drops it, we are slower, not broken.
 from __future__ import annotations
 
 READ_BYTES = 1 << 20
+#: Ranges at least this long go through the direct path once their source is known; smaller ones
+#: (a random read's span) stay on httpx's pooled connections.
+DIRECT_MIN = 1 << 20
+#: One worker-thread read of a direct body, and one write into the ingest.
+DIRECT_CHUNK = 4 << 20
+#: Idle direct connections kept per origin.
+DIRECT_IDLE = 4
+#: Direct bodies open at once (each holds up to two chunks: 64 MiB in all); more streams use httpx.
+DIRECT_BODIES = 8
 
 
 def apply() -> None:

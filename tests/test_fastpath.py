@@ -1,0 +1,185 @@
+"""The direct body path (imagefs/registry/direct.py) against the real registry and the fault proxy.
+
+httpx makes the first request of a blob source; once its answer was a clean 206, long ranges of
+that source are replayed on a plain socket read in worker threads. What must hold: the bytes are
+the blob's; anything odd (a 401, a cut body, a host that ignores Range, a redirect) ends on the
+right bytes with nothing fetched twice; credentials follow httpx's rules; cancelling does not wait
+for the network. And a cold ``cat`` through a real mount reads the blob through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import ssl
+import subprocess
+import time
+from contextlib import AsyncExitStack
+
+import httpx
+import trio
+
+from imagefs.descriptors import OCI_LAYER_GZIP, Descriptor
+from imagefs.testing import images as im
+from imagefs.reference import parse
+from imagefs.registry.client import RegistryClient
+from imagefs.registry.tuning import DIRECT_BODIES
+from tests.support import Proxy
+from tests.support.mounting import Mount
+from tests.support.tls import CA, TLSRegistry
+
+TEST_TIME_LIMIT = 60
+MiB = 1 << 20
+
+
+async def read(client: RegistryClient, desc: Descriptor, start: int = 0, end: int | None = None) -> bytes:
+    out = bytearray()
+    async with client.open(desc, start, end) as chunks:
+        async for chunk in chunks:
+            out += chunk
+    return bytes(out)
+
+
+def shared_desc(images) -> Descriptor:
+    return Descriptor(OCI_LAYER_GZIP, images.shared.digest, images.shared.size)
+
+
+def ranges(proxy: Proxy, digest: str) -> list[str | None]:
+    return [h.request_headers.get("range") for h in proxy.gets(digest)]
+
+
+async def test_long_ranges_go_direct_once_httpx_had_a_clean_answer(proxy, images):
+    desc, data = shared_desc(images), images.shared.data
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        assert await read(client, desc, 0, 64 * 1024) == data[: 64 * 1024]  # httpx; learns the recipe
+        assert client._direct.requests == 0
+        assert await read(client, desc, MiB, 7 * MiB) == data[MiB : 7 * MiB]
+        assert await read(client, desc, 7 * MiB) == data[7 * MiB :]  # on the kept connection
+        assert await read(client, desc, 100, 200) == data[100:200]  # short: httpx's pool
+        assert client._direct.requests == 2
+    assert ranges(proxy, desc.digest) == ["bytes=0-65535", f"bytes={MiB}-{7 * MiB - 1}",
+                                          f"bytes={7 * MiB}-{desc.size - 1}", "bytes=100-199"]
+    assert proxy.bytes_sent(desc.digest) == 64 * 1024 + desc.size - MiB + 100
+
+
+async def test_open_direct_bodies_are_bounded(proxy, images):
+    """Each direct body holds up to two chunks: past DIRECT_BODIES at once, streams use httpx."""
+    desc, data = shared_desc(images), images.shared.data
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        await read(client, desc, 0, 1000)
+        async with AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(client.open(desc, i * MiB, (i + 1) * MiB))
+                       for i in range(DIRECT_BODIES + 1)]
+            assert client._direct.requests == DIRECT_BODIES
+            assert client._direct.bodies == DIRECT_BODIES
+            for i, stream in enumerate(streams):
+                assert b"".join([bytes(c) async for c in stream]) == data[i * MiB : (i + 1) * MiB]
+        assert client._direct.bodies == 0
+
+
+async def test_a_cut_direct_body_resumes_from_the_byte_where_it_stopped(proxy, images):
+    desc, data = shared_desc(images), images.shared.data
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        await read(client, desc, 0, 1000)
+        proxy.reset()
+        cut = proxy.cut(desc.digest, after=1_500_000, times=2)
+        assert await read(client, desc, MiB) == data[MiB:]
+        assert cut.applied == 2
+        assert client._direct.requests == 3
+    first, second = MiB + 1_500_000, MiB + 3_000_000
+    assert ranges(proxy, desc.digest) == [f"bytes={MiB}-{desc.size - 1}", f"bytes={first}-{desc.size - 1}",
+                                          f"bytes={second}-{desc.size - 1}"]
+    assert proxy.bytes_sent(desc.digest) == desc.size - MiB, "no byte twice"
+
+
+async def test_a_401_on_the_direct_path_goes_back_through_httpx(proxy, images, caplog):
+    desc, data = shared_desc(images), images.shared.data
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        await read(client, desc, 0, 1000)
+        proxy.reset()
+        proxy.respond(rf"/blobs/{desc.digest}", 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', times=1)
+        with caplog.at_level(logging.DEBUG, logger="imagefs.registry.blobstream"):
+            assert await read(client, desc, MiB, 3 * MiB) == data[MiB : 3 * MiB]
+        assert "answered 401; asking through httpx" in caplog.text
+        assert [h.status for h in proxy.gets(desc.digest)] == [401, 206]
+        # httpx's clean answer taught the recipe again
+        assert await read(client, desc, 3 * MiB, 5 * MiB) == data[3 * MiB : 5 * MiB]
+        assert client._direct.requests == 2
+
+
+async def test_a_host_that_ignores_range_is_never_replayed(proxy, images):
+    desc, data = shared_desc(images), images.shared.data
+    proxy.ignore_range(rf"/blobs/{desc.digest}")
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        assert await read(client, desc, 0, 1000) == data[:1000]
+        assert await read(client, desc, MiB, 3 * MiB) == data[MiB : 3 * MiB]
+        assert client._direct.requests == 0
+        assert client._direct.recipe(client._blob_sources(desc)[0].url) is None
+
+
+async def test_a_redirect_is_replayed_at_its_target_without_authorization(registry, proxy, images, caplog):
+    """The recipe is httpx's final request: the CDN's URL, and no Authorization there."""
+    desc, data = shared_desc(images), images.shared.data
+    token = "imagefs-test-token-fastpath"
+    with Proxy(registry.host) as cdn:
+        blob_url = rf"/v2/test/oci/blobs/{desc.digest}"
+        proxy.respond(r"^/token\b", 200, json.dumps({"token": token, "expires_in": 300}).encode(),
+                      {"Content-Type": "application/json"})
+        challenge = f'Bearer realm="{proxy.url}/token",service="imagefs-test",scope="repository:test/oci:pull"'
+        proxy.respond(blob_url, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}, times=1)
+        proxy.respond(blob_url, 307, headers={"Location": f"{cdn.url}/v2/test/oci/blobs/{desc.digest}?sig=s3cr3t-sig"})
+        with caplog.at_level(logging.DEBUG):
+            async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+                assert await read(client, desc, 0, 1000) == data[:1000]
+                assert await read(client, desc, 2 * MiB, 6 * MiB) == data[2 * MiB : 6 * MiB]
+                assert client._direct.requests == 1
+        assert [h.status for h in proxy.gets(desc.digest)] == [401, 307], "the replay went to the CDN"
+        at_cdn = cdn.gets(desc.digest)
+        assert [h.request_headers.get("range") for h in at_cdn] == ["bytes=0-999", f"bytes={2 * MiB}-{6 * MiB - 1}"]
+        assert all("authorization" not in h.request_headers for h in at_cdn)
+        assert all(h.path.endswith("?sig=s3cr3t-sig") for h in at_cdn)
+    assert token not in caplog.text and "s3cr3t-sig" not in caplog.text
+
+
+async def test_cancelling_a_stalled_direct_request_does_not_wait_for_it(proxy, images):
+    desc = shared_desc(images)
+    async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
+        await read(client, desc, 0, 1000)
+        proxy.delay(rf"/blobs/{desc.digest}", 20, times=1)
+        started = trio.current_time()
+        with trio.move_on_after(0.5):
+            await read(client, desc, MiB, 5 * MiB)
+        assert trio.current_time() - started < 2
+        assert client._direct.requests == 1
+
+
+async def test_tls_bodies_are_read_direct_with_the_same_trust(tmp_path):
+    """Over HTTPS the replay verifies with the client's own CA (``--ca-file``), or not at all
+    with ``--insecure``, as httpx did."""
+    ca = CA()
+    blob = im.random_layer(3 * MiB, seed=11)
+    with TLSRegistry(tmp_path / "reg", ca) as reg:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(reg.ca_path))) as http:
+            im.push(reg.host, "tls/app", im.image([blob]), "v1", plain_http=False, client=http)
+        desc = Descriptor(OCI_LAYER_GZIP, blob.digest, blob.size)
+        for options in ({"ca_file": str(reg.ca_path)}, {"insecure": True}):
+            async with RegistryClient(parse(f"{reg.host}/tls/app:v1"), **options) as client:
+                assert await read(client, desc, 0, 1000) == blob.data[:1000]
+                assert await read(client, desc, 1000) == blob.data[1000:]
+                assert client._direct.requests == 1, options
+
+
+def test_a_cold_cat_through_a_mount_reads_the_blob_direct(proxy, images, mnt, cache_dir):
+    """Through a real mount: the right bytes, committed, and most of them fetched directly."""
+    blob = images.shared
+    with Mount(f"{proxy.host}/test/oci:v1", mnt, cache_dir, "--platform", "linux/amd64", "--debug") as m:
+        path = mnt / f"layer-{blob.digest}" / "blob"
+        out = subprocess.run(["cat", str(path)], capture_output=True, check=True).stdout
+        assert hashlib.sha256(out).hexdigest() == blob.digest.split(":")[1]
+        assert proxy.bytes_sent(blob.digest) == blob.size, "no byte twice"
+        assert f"blob {blob.digest}: bytes " in m.log_text() and " direct from " in m.log_text()
+        deadline = time.monotonic() + 10
+        while not (cache_dir / "blobs" / "sha256" / blob.digest.split(":")[1]).exists():
+            assert time.monotonic() < deadline, m.log_text()
+            time.sleep(0.05)
