@@ -285,7 +285,7 @@ def check_store(cache: Path) -> None:
 
 
 def check_tree(tree: Tree, scn: Scenario) -> None:
-    for node in tree.nodes.values():
+    for node in tree.nodes:
         assert len(node.names) == len(set(node.names)), "a directory never lists a name twice"
     for name in tree.top.names:
         text = name.decode()

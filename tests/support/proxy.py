@@ -494,6 +494,7 @@ class Proxy:
         self.upstream_port = int(port_text) if hostname else 80
         self._requested_port = port
         self.hits: list[Hit] = []
+        self._reset_at = 0.0  # requests started before the last reset() are not recorded
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._server: _Server | None = None
@@ -568,9 +569,11 @@ class Proxy:
     # -- observation ---------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget recorded hits (faults stay)."""
+        """Forget recorded hits (faults stay), and never record a request that started before now:
+        one an earlier test left in flight (stalled, or writing a body nobody reads) is not this one's."""
         with self._lock:
             del self.hits[:]
+            self._reset_at = time.monotonic()
 
     def matching(self, pattern: str, method: str | None = None) -> list[Hit]:
         """Hits whose path contains ``pattern`` (and whose method is ``method``)."""
@@ -733,7 +736,8 @@ class Proxy:
 
     def _record(self, hit: Hit) -> None:
         with self._lock:
-            self.hits.append(hit)
+            if hit.started >= self._reset_at:
+                self.hits.append(hit)
 
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._lock:
