@@ -10,7 +10,6 @@ for the network. And a cold ``cat`` through a real mount reads the blob through 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ from imagefs.registry.tuning import DIRECT_BODIES
 from tests.support import Proxy
 from tests.support.mounting import Mount
 from tests.support.tls import CA, TLSRegistry
+from tests.test_registry_transport import challenge_then_redirect
 
 TEST_TIME_LIMIT = 60
 MiB = 1 << 20
@@ -123,12 +123,7 @@ async def test_a_redirect_is_replayed_at_its_target_without_authorization(regist
     desc, data = shared_desc(images), images.shared.data
     token = "imagefs-test-token-fastpath"
     with Proxy(registry.host) as cdn:
-        blob_url = rf"/v2/test/oci/blobs/{desc.digest}"
-        proxy.respond(r"^/token\b", 200, json.dumps({"token": token, "expires_in": 300}).encode(),
-                      {"Content-Type": "application/json"})
-        challenge = f'Bearer realm="{proxy.url}/token",service="imagefs-test",scope="repository:test/oci:pull"'
-        proxy.respond(blob_url, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}, times=1)
-        proxy.respond(blob_url, 307, headers={"Location": f"{cdn.url}/v2/test/oci/blobs/{desc.digest}?sig=s3cr3t-sig"})
+        challenge_then_redirect(proxy, cdn, desc.digest, token)
         with caplog.at_level(logging.DEBUG):
             async with RegistryClient(parse(f"{proxy.host}/test/oci:v1")) as client:
                 assert await read(client, desc, 0, 1000) == data[:1000]

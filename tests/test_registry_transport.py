@@ -482,16 +482,22 @@ def test_a_stalled_answer_times_out_and_is_retried(proxy, images, mnt, cache_dir
     assert len(proxy.gets(layer_.digest)) == 2
 
 
+def challenge_then_redirect(proxy, cdn, digest: str, token: str) -> None:
+    """The registry asks once for a bearer ``token`` (served at ``/token``), then sends every GET
+    of the blob to ``cdn`` with a signed URL, as Docker Hub does with its CDN."""
+    blob_url = rf"/v2/test/oci/blobs/{digest}"
+    proxy.respond(r"^/token\b", 200, json.dumps({"token": token, "expires_in": 300}).encode(),
+                  {"Content-Type": "application/json"})
+    challenge = f'Bearer realm="{proxy.url}/token",service="imagefs-test",scope="repository:test/oci:pull"'
+    proxy.respond(blob_url, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}, times=1)
+    proxy.respond(blob_url, 307, headers={"Location": f"{cdn.url}/v2/test/oci/blobs/{digest}?sig=s3cr3t-sig"})
+
+
 async def test_redirect_to_a_cdn_keeps_range_and_drops_authorization(registry, proxy, images, caplog):
     shared = images.shared
     token = "imagefs-test-token-9f8e7d"
     with Proxy(registry.host) as cdn:
-        blob_url = rf"/v2/test/oci/blobs/{shared.digest}"
-        proxy.respond(r"^/token\b", 200, json.dumps({"token": token, "expires_in": 300}).encode(),
-                      {"Content-Type": "application/json"})
-        challenge = f'Bearer realm="{proxy.url}/token",service="imagefs-test",scope="repository:test/oci:pull"'
-        proxy.respond(blob_url, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {"WWW-Authenticate": challenge}, times=1)
-        proxy.respond(blob_url, 307, headers={"Location": f"{cdn.url}/v2/test/oci/blobs/{shared.digest}?sig=s3cr3t-sig"})
+        challenge_then_redirect(proxy, cdn, shared.digest, token)
         cdn.cut(shared.digest, after=1_000_000, times=1)
         desc = Descriptor(OCI_LAYER_GZIP, shared.digest, shared.size)
         with caplog.at_level(logging.DEBUG):
