@@ -27,18 +27,10 @@ from imagefs.registry.tuning import DIRECT_BODIES
 from tests.support import Proxy
 from tests.support.mounting import Mount
 from tests.support.tls import CA, TLSRegistry
-from tests.test_registry_transport import challenge_then_redirect
+from tests.test_registry_transport import challenge_then_redirect, read
 
 TEST_TIME_LIMIT = 60
 MiB = 1 << 20
-
-
-async def read(client: RegistryClient, desc: Descriptor, start: int = 0, end: int | None = None) -> bytes:
-    out = bytearray()
-    async with client.open(desc, start, end) as chunks:
-        async for chunk in chunks:
-            out += chunk
-    return bytes(out)
 
 
 def shared_desc(images) -> Descriptor:
