@@ -44,6 +44,7 @@ MAX_REQUESTS_PER_BLOB = 3
 SEQUENTIAL_SLACK = 16 << 20
 CONTENDED_PATIENCE = 3.0  # seconds a read waits for another process's writer before reading around it
 FIRST_WINDOW = 4 << 20  # a registry answers in 10-30 ms: start a stream with more than a span
+RECORD_INTERVAL = 0.5  # seconds: a killed mount loses at most this long's record of landed bytes
 
 
 class _Contended(Exception):
@@ -94,6 +95,7 @@ class _Blob:
     serial: int = 0
     hashing: bool = False
     committing: bool = False
+    recording: bool = False
 
 
 class BlobReader:
@@ -340,6 +342,21 @@ class BlobReader:
         elif not blob.hashing and writer.present.prefix() - writer.hashed >= 16 * self.span:
             blob.hashing = True
             self.nursery.start_soon(self._hash, blob)
+        if not blob.recording and not writer.complete:
+            blob.recording = True
+            self.nursery.start_soon(self._record, blob)
+
+    async def _record(self, blob: _Blob) -> None:
+        """Record the landed ranges soon after bytes land, not only when a request ends: a
+        request can stall or resume for minutes, and a killed mount should keep what it had."""
+        writer = blob.writer
+        try:
+            with trio.move_on_after(RECORD_INTERVAL):
+                while not (writer.closed or writer.complete):  # a commit or abort makes it moot
+                    await writer.wait_changed()
+        finally:
+            blob.recording = False
+        writer.save()
 
     async def _hash(self, blob: _Blob) -> None:
         try:

@@ -66,9 +66,18 @@ def test_random_reads_fetch_about_a_span_each(proxy, images, mnt, cache_dir):
         assert sent < shared.size // 20
 
 
+def recorded(state_file) -> int:
+    """Bytes an ingest's state file says are present."""
+    try:
+        return sum(b - a for a, b in json.loads(state_file.read_text())["present"])
+    except (OSError, ValueError):
+        return 0
+
+
 def test_interrupted_mount_is_resumed_fetching_only_the_rest(proxy, images, tmp_path, cache_dir):
     shared = images.shared
     first, second = tmp_path / "m1", tmp_path / "m2"
+    state_file = cache_dir / "ingest" / ref_key(shared) / "state"
     # Every response is cut after 4 MiB, and once the first bytes are read every new request
     # stalls: the blob cannot complete before the kill, however fast the reader fetches.
     proxy.cut(shared.digest, after=4 << 20)
@@ -77,15 +86,15 @@ def test_interrupted_mount_is_resumed_fetching_only_the_rest(proxy, images, tmp_
         with open(blob_path(m, shared), "rb") as f:
             f.read(3 << 20)  # a sequential start: a few windows land
             proxy.delay(rf"/blobs/{shared.digest}", 60, method="GET")
+        # landed bytes are recorded within RECORD_INTERVAL, even while their request is stalled
+        assert wait_for(lambda: recorded(state_file) >= 3 << 20, timeout=5), recorded(state_file)
         # interrupt it the hard way: the process dies, the kernel mount is left dangling
         pid = int(subprocess.run(["pgrep", "-f", "--", f"{first} .*--ready-fd"], capture_output=True, text=True).stdout.split()[0])
         os.kill(pid, signal.SIGKILL)
         assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
     finally:
         subprocess.run(["fusermount3", "-uz", str(first)], capture_output=True)
-    state_file = cache_dir / "ingest" / ref_key(shared) / "state"
-    present = json.loads(state_file.read_text())["present"]
-    kept = sum(b - a for a, b in present)
+    kept = recorded(state_file)
     assert kept >= 3 << 20, "what had landed was recorded"
     assert kept < shared.size
     proxy.clear_faults()
