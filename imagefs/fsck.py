@@ -7,6 +7,8 @@
   xattr block would let a collector lose content.
 - Sidecar label files without a blob, ingests whose state is unreadable, unreadable tag and
   mount records.
+- Verified pieces of lazily read layers (``CACHE/pieces``): each is hashed against its name. A
+  mount never serves a wrong one (it re-hashes on load), but fsck should say the disk lies.
 
 ``--repair`` removes what is wrong (a removed blob is fetched again by the next mount that needs
 it) and rewrites labels it can derive from a manifest's own verified bytes. Stale ingests, stale
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .content import maintenance, mounts
+from .content import maintenance, mounts, pieces
 from .content.local import XATTR_PREFIX, LocalStore, default_cache_dir
 from .descriptors import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, children
 from .errors import ImagefsError
@@ -130,6 +132,8 @@ def check(store: LocalStore, *, repair: bool = False, workers: int | None = None
                 c.found(f"labels/sha256/{p.name}", "labels of a blob that is not in the store",
                         lambda p=p: p.unlink(missing_ok=True))
 
+    _check_pieces(c, store, workers)
+
     ingests = maintenance.ingests(store)
     open_files = maintenance.open_ingest_files(store)
     for ingest in ingests:
@@ -152,6 +156,22 @@ def check(store: LocalStore, *, repair: bool = False, workers: int | None = None
 
     size = sum(b.size for b in blobs.values())
     return FsckResult(tuple(c.findings), len(blobs), size, len(ingests), len(tags), repair)
+
+
+def _check_pieces(c: _Checker, store: LocalStore, workers: int) -> None:
+    files = []
+    for layer in pieces.sizes(store.root):
+        d = pieces.layer_dir(store.root, layer)
+        try:
+            files += [p for p in d.iterdir() if not p.name.startswith(".")]
+        except OSError:
+            continue
+    with ThreadPoolExecutor(workers, thread_name_prefix="fsck-hash") as pool:
+        for p, actual in zip(files, pool.map(_safe_hash, files)):
+            if actual is not None and actual != f"sha256:{p.name}":
+                c.found(f"pieces/sha256/{p.parent.name}/{p.name}",
+                        f"content has digest {actual}" if actual.startswith("sha256:") else actual,
+                        lambda p=p: p.unlink(missing_ok=True))
 
 
 def _safe_hash(path: Path) -> str | None:

@@ -11,10 +11,12 @@ cut short — to everything still referenced. Sweep the rest:
 - ingests no live process holds (no ref lock, no open data file), unless their blob is
   referenced: a suspended fetch of a referenced blob is kept, so a later mount resumes it;
 - layer indexes (``CACHE/indexes``) of layers nothing references, labels of blobs that are gone,
-  tags remembered for roots that are gone, stale mount records and lock files no one holds.
+  tags remembered for roots that are gone, stale mount records and lock files no one holds;
+- verified pieces (``CACHE/pieces``) of layers nothing references, or whose whole blob is
+  committed (it holds every piece).
 
-``--max-size`` then evicts, least recently used first, the suspended ingests and the *layer* blobs
-of images no live mount uses, until the cache fits. Manifests, indexes and configs are never
+``--max-size`` then evicts, least recently used first, the suspended ingests, the pieces and the
+*layer* blobs of images no live mount uses, until the cache fits. Manifests, indexes and configs are never
 evicted — they are small and a mount needs them to start offline — and a layer evicted is
 fetched again the first time a mount reads it; its layer index stays, so listing its files
 costs nothing.
@@ -22,12 +24,13 @@ costs nothing.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .content import filelock, maintenance, mounts
+from .content import filelock, maintenance, mounts, pieces
 from .content.local import LocalStore, default_cache_dir
 from .units import human
 
@@ -39,7 +42,7 @@ GRACE_SECONDS = 60.0
 class Removal:
     """One thing the collector removed (or, in a dry run, would remove)."""
 
-    kind: str  # blob, ingest, layer index, labels, tag, mount record, lock
+    kind: str  # blob, ingest, layer index, pieces, labels, tag, mount record, lock
     name: str
     size: int
     reason: str
@@ -121,17 +124,19 @@ def collect(store: LocalStore, *, dry_run: bool = False, max_size: int | None = 
 
     _sweep_small_files(store, plan, set(kept), now, grace)
     _sweep_layer_indexes(store, plan, graph.reached, now, grace)
+    kept_pieces = _sweep_pieces(store, plan, set(kept), graph.reached, now, grace)
     for tag in maintenance.tag_records(store):
         if tag.digest is not None and tag.digest not in kept and now - _mtime(tag.path) > grace:
             plan.remove(Removal("tag", tag.name, 0, f"remembered {tag.digest}, which is gone"),
                         lambda t=tag: t.path.unlink(missing_ok=True))
 
     # -- evict ---------------------------------------------------------------------------------
-    total = sum(b.size for b in kept.values()) + ingest_bytes
+    total = sum(b.size for b in kept.values()) + ingest_bytes + sum(p.size for p in kept_pieces)
     over_by = 0
     if max_size is not None and total > max_size:
         candidates: list[tuple[float, int, str, object]] = [
             (i.mtime, -i.disk_bytes, "ingest", i) for i in suspended if i.digest not in leased]
+        candidates += [(p.mtime, -p.size, "pieces", p) for p in kept_pieces if p.layer not in leased]
         for digest, blob in kept.items():
             mt = graph.media_types.get(digest) or maintenance.safe_labels(store, digest).get("imagefs.mediatype")
             if digest in leased or not maintenance.is_layer(mt) or now - blob.mtime < grace:
@@ -147,6 +152,10 @@ def collect(store: LocalStore, *, dry_run: bool = False, max_size: int | None = 
                 if plan.remove(Removal("ingest", item.ref, item.disk_bytes, f"evicted: partial fetch, last written {when}"),
                                lambda i=item: maintenance.remove_ingest(store, i)):
                     total -= item.disk_bytes
+            elif kind == "pieces":
+                assert isinstance(item, _Pieces)
+                if plan.remove(Removal("pieces", item.name, item.size, f"evicted: last added to {when}"), item.remove):
+                    total -= item.size
             else:
                 assert isinstance(item, maintenance.BlobFile)
                 name = maintenance.describe(item.digest, graph.media_types.get(item.digest))
@@ -208,6 +217,41 @@ def _sweep_layer_indexes(store: LocalStore, plan: _Plan, reached: set[str], now:
         plan.remove(Removal("layer index", p.name, _size(p), reason), lambda p=p: p.unlink(missing_ok=True))
 
 
+@dataclass(frozen=True)
+class _Pieces:
+    """One layer's directory of verified pieces."""
+
+    layer: str
+    path: Path
+    size: int
+    mtime: float
+
+    @property
+    def name(self) -> str:
+        return f"layer-{self.layer}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _sweep_pieces(store: LocalStore, plan: _Plan, committed: set[str], reached: set[str], now: float,
+                  grace: float) -> list[_Pieces]:
+    """``CACHE/pieces/sha256/<layer hex>/``: gone with the layer's last reference, or once its whole
+    blob is committed; the rest is returned, for ``--max-size``."""
+    left = []
+    for layer, (_, size) in pieces.sizes(store.root).items():
+        found = _Pieces(layer, pieces.layer_dir(store.root, layer), size, _mtime(pieces.layer_dir(store.root, layer)))
+        if layer in committed:
+            reason = "its blob is committed"
+        elif (layer not in reached or not maintenance.HEX_RE.match(layer.partition(":")[2])) and now - found.mtime >= grace:
+            reason = "its layer is unreferenced"
+        else:
+            left.append(found)
+            continue
+        plan.remove(Removal("pieces", found.name, size, reason), found.remove)
+    return left
+
+
 def _mtime(p: Path) -> float:
     try:
         return p.lstat().st_mtime
@@ -225,11 +269,12 @@ def _size(p: Path) -> int:
 def report(result: GcResult, out=sys.stdout) -> None:
     verb = "would remove" if result.dry_run else "removed"
     for r in result.removed:
-        size = f" {human(r.size)}" if r.kind in ("blob", "ingest", "layer index") else ""
+        size = f" {human(r.size)}" if r.kind in ("blob", "ingest", "layer index", "pieces") else ""
         print(f"{verb} {r.kind} {r.name}{size} ({r.reason})", file=out)
-    blobs, ingests = result.count("blob"), result.count("ingest")
-    if blobs or ingests:
-        parts = [f"{n} {kind}{'s' if n != 1 else ''}" for n, kind in ((blobs, "blob"), (ingests, "ingest")) if n]
+    counts = [(result.count("blob"), "blob", "blobs"), (result.count("ingest"), "ingest", "ingests"),
+              (result.count("pieces"), "layer's pieces", "layers' pieces")]
+    if any(n for n, _, _ in counts):
+        parts = [f"{n} {one if n == 1 else many}" for n, one, many in counts if n]
         what = " and ".join(parts)
         head = f"gc: {verb} {what}, {'would free' if result.dry_run else 'freed'} {human(result.freed)}"
     else:

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from .content import maintenance, mounts
+from .content import maintenance, mounts, pieces
 from .content.local import LocalStore, default_cache_dir
 from .descriptors import INDEX_TYPES, Descriptor, children
 from .errors import ImagefsError
@@ -41,6 +41,8 @@ class CacheStatus:
     bytes: int
     ingests: int
     ingest_bytes: int
+    pieces: int  # verified pieces of layers whose blob is not here (CACHE/pieces)
+    piece_bytes: int
     unreferenced_blobs: int
     unreferenced_bytes: int
     images: tuple[ImageStatus, ...]
@@ -80,12 +82,15 @@ def status(store: LocalStore) -> CacheStatus:
     images.sort(key=lambda i: -i.last_used)
     ingests = maintenance.ingests(store)
     unref = [b for d, b in blobs.items() if d not in reached_any]
+    kept = pieces.sizes(store.root).values()
     return CacheStatus(
         path=str(store.root),
         blobs=len(blobs),
         bytes=sum(b.size for b in blobs.values()),
         ingests=len(ingests),
         ingest_bytes=sum(i.disk_bytes for i in ingests),
+        pieces=sum(n for n, _ in kept),
+        piece_bytes=sum(b for _, b in kept),
         unreferenced_blobs=len(unref),
         unreferenced_bytes=sum(b.size for b in unref),
         images=tuple(images),
@@ -110,7 +115,8 @@ def _platforms(store: LocalStore, root: str, mt: str, blobs) -> tuple[list[str],
 
 def report(st: CacheStatus, out=sys.stdout) -> None:
     print(f"cache {st.path}: {st.blobs} blobs, {human(st.bytes)}"
-          + (f"; {st.ingests} ingests, {human(st.ingest_bytes)} partly fetched" if st.ingests else ""), file=out)
+          + (f"; {st.ingests} ingests, {human(st.ingest_bytes)} partly fetched" if st.ingests else "")
+          + (f"; {st.pieces} verified pieces of lazily read layers, {human(st.piece_bytes)}" if st.pieces else ""), file=out)
     if st.images:
         rows = [("IMAGE", "ROOT", "PLATFORMS", "CACHED", "MOUNTED")]
         for img in st.images:

@@ -14,7 +14,9 @@
 
 Reading (:meth:`~TocLayers.read`) fetches only the chunks a read touches (from the committed blob
 if it is here, else one Range request each), inflates each in a worker thread and checks it
-against its ``chunkDigest`` before a byte is served; a few verified chunks stay in memory.
+against its ``chunkDigest`` before a byte is served; a few verified chunks stay in memory, and
+those fetched from the registry are kept in ``CACHE/pieces`` (:mod:`..content.pieces`, named by
+their ``chunkDigest``) so the next mount reads them again without a request.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import trio
 import zstandard
 
 from ..content.local import LocalStore
+from ..content.pieces import Pieces
 from ..descriptors import Descriptor
 from ..errors import DigestMismatch, InvalidLayer
 from ..handlers import Fetcher
@@ -50,6 +53,7 @@ class TocStatistics:
     tocs_fetched: int = 0
     tocs_loaded: int = 0
     chunks_fetched: int = 0
+    chunks_kept: int = 0  # verified chunks read back from CACHE/pieces instead of the registry
     bytes_fetched: int = 0
     refused: int = 0
 
@@ -81,6 +85,7 @@ class TocLayers:
         self._kept: OrderedDict[tuple, bytes] = OrderedDict()
         self._kept_bytes = 0
         self._locks: dict[tuple, trio.Lock] = {}
+        self._pieces: dict[str, Pieces] = {}
 
     # -- indexes ------------------------------------------------------------------------------
 
@@ -259,9 +264,16 @@ class TocLayers:
             async with lock:  # one fetch however many readers wait for it
                 data = self._kept.get(key)
                 if data is None:
-                    compressed = await self._get(desc, c.begin, c.end)
-                    self.stats.chunks_fetched += 1
-                    data = await trio.to_thread.run_sync(_verified, fmt, compressed, c, f"{desc.ref_key}: {path}")
+                    pieces = self._pieces.get(desc.digest) or self._pieces.setdefault(desc.digest, Pieces(self.root, desc.digest))
+                    here = self.store.path(desc.digest) is not None  # then the blob is all the cache it needs
+                    data = None if here else await trio.to_thread.run_sync(pieces.get, c.digest)
+                    if data is not None:
+                        self.stats.chunks_kept += 1
+                    else:
+                        compressed = await self._get(desc, c.begin, c.end)
+                        self.stats.chunks_fetched += 1
+                        data = await trio.to_thread.run_sync(_verified, fmt, compressed, c, f"{desc.ref_key}: {path}",
+                                                             None if here else pieces)
                     self._remember(key, data)
         finally:
             if not lock.statistics().tasks_waiting and not lock.locked():
@@ -275,8 +287,8 @@ class TocLayers:
             self._kept_bytes -= len(self._kept.popitem(last=False)[1])
 
 
-def _verified(fmt: str, compressed: bytes, c: Chunk, label: str) -> bytes:
-    """Inflate one chunk and check it against its digest (blocking: a worker thread)."""
+def _verified(fmt: str, compressed: bytes, c: Chunk, label: str, keep: Pieces | None = None) -> bytes:
+    """Inflate one chunk and check it against its digest, then ``keep`` it (blocking: a worker thread)."""
     inflate = estargz.inflate if fmt == ESTARGZ else zstdchunked.inflate
     try:
         data = inflate(compressed, c.inner, c.size)
@@ -285,4 +297,6 @@ def _verified(fmt: str, compressed: bytes, c: Chunk, label: str) -> bytes:
     if len(data) != c.size or hashlib.sha256(data).hexdigest() != c.digest:
         raise DigestMismatch(f"{label}: the chunk at byte {c.start} does not match its chunkDigest "
                              f"(blob bytes {c.begin}-{c.end - 1})")
+    if keep is not None:
+        keep.put(c.digest, data)
     return data

@@ -11,7 +11,8 @@ Reading a file (:meth:`Layers.read`):
 - plain tar: the member's bytes are a range of the blob, read through the ``BlobReader``;
 - gzip: inflate from the checkpoint before the offset; the compressed spans come from the
   committed blob if it is here, else from the registry, one Range request per span, each verified
-  against the index (an evicted blob costs only the spans read);
+  against the index (an evicted blob costs only the spans read) and kept in ``CACHE/pieces``
+  (:mod:`..content.pieces`), so the next mount reads it again without the registry;
 - zstd: no checkpoints: the blob is completed and inflated from its start; a reader continues
   from where the last read of that layer stopped;
 - eStargz and zstd:chunked (:mod:`.lazy`): listed from their verified TOC without fetching the
@@ -21,6 +22,7 @@ Reading a file (:meth:`Layers.read`):
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import os
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..content.pieces import Pieces
 from ..descriptors import Descriptor
 from ..errors import InvalidLayer, RegistryError
 from ..reader import BlobReader
@@ -46,6 +49,7 @@ class LayerStatistics:
     loaded: int = 0
     spans_fetched: int = 0
     span_bytes_fetched: int = 0
+    spans_kept: int = 0  # verified spans read back from CACHE/pieces instead of the registry
     toc: lazy.TocStatistics = field(default_factory=lazy.TocStatistics)  # eStargz / zstd:chunked
 
 
@@ -196,7 +200,7 @@ class Layers:
         if index.compression == GZIP:
             ra = self._gz.get(desc.digest)
             if ra is None:
-                raw = zran.SpanFile(desc.size, index.spans, self._span_fetcher(desc), desc.ref_key)
+                raw = zran.SpanFile(desc.size, index.spans, self._span_fetcher(desc, index), desc.ref_key)
                 ra = self._gz[desc.digest] = await trio.to_thread.run_sync(zran.RandomAccess, raw, index.zran)
             try:
                 data = await trio.to_thread.run_sync(ra.pread, pos, size)
@@ -211,9 +215,12 @@ class Layers:
             raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
         return data
 
-    def _span_fetcher(self, desc: Descriptor):
-        """Compressed bytes for a worker thread: from the committed blob, else one Range request."""
+    def _span_fetcher(self, desc: Descriptor, index: LayerIndex):
+        """Compressed bytes for a worker thread: from the committed blob, else a span kept by an
+        earlier read, else one Range request (a verified span is then kept)."""
         store, fetcher, stats = self.reader.store, self.reader.fetcher, self.stats
+        digests = dict(index.spans)  # start -> sha256 of the span: SpanFile asks whole spans
+        pieces = Pieces(store.root, desc.digest)
 
         async def fetch(start: int, end: int) -> bytes:
             parts = []
@@ -227,9 +234,21 @@ class Layers:
         def get(start: int, end: int) -> bytes:
             path = store.path(desc.digest)
             if path is not None:
-                with open(path, "rb") as f:
-                    return os.pread(f.fileno(), end - start, start)
-            return trio.from_thread.run(fetch, start, end)
+                try:
+                    with open(path, "rb") as f:
+                        return os.pread(f.fileno(), end - start, start)
+                except FileNotFoundError:  # evicted just now: the registry still has it
+                    pass
+            digest = digests.get(start)
+            if digest is not None:
+                data = pieces.get(digest)
+                if data is not None:
+                    stats.spans_kept += 1
+                    return data
+            data = trio.from_thread.run(fetch, start, end)
+            if digest is not None and hashlib.sha256(data).hexdigest() == digest:
+                pieces.put(digest, data)  # SpanFile rejects a wrong one; it is never kept
+            return data
 
         return get
 
