@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.support.mounting import Mount
+from tests.support.mounting import Mount, running
 from tests.test_mount import assert_disjoint_ranges, ref_key, wait_for
 
 SPAN = 64 * 1024  # small spans: many boundaries inside a 12 MiB test layer
@@ -89,9 +89,8 @@ def test_interrupted_mount_is_resumed_fetching_only_the_rest(proxy, images, tmp_
         # landed bytes are recorded within RECORD_INTERVAL, even while their request is stalled
         assert wait_for(lambda: recorded(state_file) >= 3 << 20, timeout=5), recorded(state_file)
         # interrupt it the hard way: the process dies, the kernel mount is left dangling
-        pid = int(subprocess.run(["pgrep", "-f", "--", f"{first} .*--ready-fd"], capture_output=True, text=True).stdout.split()[0])
-        os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+        os.kill(m.server[0], signal.SIGKILL)
+        assert wait_for(lambda: not running(m.server))  # a zombie is dead enough: its files are closed
     finally:
         subprocess.run(["fusermount3", "-uz", str(first)], capture_output=True)
     kept = recorded(state_file)

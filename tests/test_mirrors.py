@@ -272,9 +272,9 @@ def test_mount_through_a_pull_through_mirror(proxy, mirror, mirror_proxy, images
     assert [h for h in proxy.hits if "/test/oci/" in h.path] == [], "nothing was asked of the upstream directly"
     assert mirror_proxy.matching("/manifests/v1", "HEAD") and mirror_proxy.gets(images.oci.digest)
     assert all(parse_qs(urlsplit(h.path).query)["ns"] == [proxy.host] for h in mirror_proxy.hits)
-    # the cache kept what it served, for the next machine
-    deadline = time.monotonic() + 5
-    while not all(stored(reg, b.digest) for b in amd.layers) and time.monotonic() < deadline:
+    # the cache kept what it served, for the next machine (it stores a blob after serving it)
+    deadline = time.monotonic() + 30
+    while not all(stored(reg, b.digest) for b in [amd.config, *amd.layers]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(stored(reg, b.digest) for b in [amd.config, *amd.layers])
 

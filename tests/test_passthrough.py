@@ -45,7 +45,11 @@ def test_committed_blob_is_read_by_the_kernel(proxy, images, mnt, cache_dir):
         assert warm["reads"] == cold["reads"], "a passthrough read reached the mount"
         with open(blob, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
             assert hashlib.sha256(mm).hexdigest() == shared.digest.split(":")[1]
-        assert os.pread(os.open(blob, os.O_RDONLY), 5, shared.size - 2) == shared.data[-2:]
+        fd = os.open(blob, os.O_RDONLY)  # closed: an open file keeps the mount busy past the test
+        try:
+            assert os.pread(fd, 5, shared.size - 2) == shared.data[-2:]
+        finally:
+            os.close(fd)
 
 
 def test_open_across_commit_then_passthrough(proxy, images, mnt, cache_dir):

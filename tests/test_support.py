@@ -512,18 +512,26 @@ def test_respond_answers_upload_requests_and_drains_their_body(proxy: Proxy, cli
 def test_delay_slows_matching_requests_concurrently(proxy: Proxy, client: httpx.Client) -> None:
     rule = proxy.delay(r"^/v2/$", 0.4)
     results: list[float] = []
+    # The clients are built first (each loads a TLS context: CPU time that, in the threads, spread
+    # the three requests' starts by up to 0.2 s on a loaded machine) and released together.
+    clients = [httpx.Client(timeout=5.0, trust_env=False) for _ in range(3)]
+    go = threading.Barrier(3)
 
-    def fetch() -> None:
-        with httpx.Client(timeout=5.0, trust_env=False) as c:
-            t0 = time.monotonic()
-            assert c.get(f"{proxy.url}/v2/").status_code == 200
-            results.append(time.monotonic() - t0)
+    def fetch(c: httpx.Client) -> None:
+        go.wait(10)
+        t0 = time.monotonic()
+        assert c.get(f"{proxy.url}/v2/").status_code == 200
+        results.append(time.monotonic() - t0)
 
-    threads = [threading.Thread(target=fetch) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(5)
+    threads = [threading.Thread(target=fetch, args=(c,)) for c in clients]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+    finally:
+        for c in clients:
+            c.close()
     assert len(results) == 3 and min(results) >= 0.4
     # Served in parallel, not one after another: all three were in flight at
     # once (checked on the proxy's own timestamps, immune to machine load).

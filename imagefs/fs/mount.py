@@ -94,35 +94,41 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         image = Image(store, client, root, platform=opts.platform, all_platforms=opts.all_platforms)
         await image.open()
         tree = Tree(image, tag=ref.tag)
-        async with registered(store, str(ref), opts.mountpoint, image), trio.open_nursery() as nursery:
-            reader = BlobReader(store, client, nursery, strict=opts.strict, span=opts.span or SPAN)
-            layers = Layers(reader)
-            if opts.index:
-                await _index(image, layers)
-            options = set(pyfuse3.default_options)
-            options |= {"ro", "subtype=imagefs", f"fsname={str(ref).replace(',', '_')}"}
-            if os.getuid() == 0:
-                options.add("allow_other")
-            if opts.debug:
-                options.add("debug")
-            passthrough = Passthrough(opts.cache_dir) if opts.passthrough else None
-            pyfuse3.init(Operations(tree, reader, layers, passthrough), str(opts.mountpoint), options)
-            if passthrough is not None:
-                passthrough.start()
-            try:
-                nursery.start_soon(_signals, nursery)
-                log.info("mounted %s at %s", ref, opts.mountpoint)
-                task_status.started()
-                nursery.start_soon(trio.to_thread.run_sync, kernel.tune, opts.mountpoint)
-                if opts.prefetch:
-                    nursery.start_soon(_prefetch, image, reader)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-            finally:
-                pyfuse3.close(unmount=True)
-                reader.close()
-                stats = reader.statistics()
-                log.info("unmounted %s: %s; %s", opts.mountpoint, stats, layers.stats)
+        served: tuple[BlobReader, Layers] | None = None
+        try:
+            async with registered(store, str(ref), opts.mountpoint, image), trio.open_nursery() as nursery:
+                reader = BlobReader(store, client, nursery, strict=opts.strict, span=opts.span or SPAN)
+                layers = Layers(reader)
+                if opts.index:
+                    await _index(image, layers)
+                options = set(pyfuse3.default_options)
+                options |= {"ro", "subtype=imagefs", f"fsname={str(ref).replace(',', '_')}"}
+                if os.getuid() == 0:
+                    options.add("allow_other")
+                if opts.debug:
+                    options.add("debug")
+                passthrough = Passthrough(opts.cache_dir) if opts.passthrough else None
+                pyfuse3.init(Operations(tree, reader, layers, passthrough), str(opts.mountpoint), options)
+                served = (reader, layers)
+                if passthrough is not None:
+                    passthrough.start()
+                try:
+                    nursery.start_soon(_signals, nursery)
+                    log.info("mounted %s at %s", ref, opts.mountpoint)
+                    task_status.started()
+                    nursery.start_soon(trio.to_thread.run_sync, kernel.tune, opts.mountpoint)
+                    if opts.prefetch:
+                        nursery.start_soon(_prefetch, image, reader)
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()
+                finally:
+                    pyfuse3.close(unmount=True)
+                    reader.close()
+        finally:
+            # Last: after the nursery's tasks (a shielded commit) and the lease (the mount record)
+            # have ended, so whoever waits for this line finds the cache as the mount left it.
+            if served is not None:
+                log.info("unmounted %s: %s; %s", opts.mountpoint, served[0].statistics(), served[1].stats)
 
 
 async def _prefetch(image: Image, reader: BlobReader) -> None:
