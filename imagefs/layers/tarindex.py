@@ -50,8 +50,11 @@ def normalise(name: str) -> str | None:
 
 
 @dataclass
-class _Scan:
-    """The members seen so far: path -> Entry in order of their last appearance."""
+class Members:
+    """The members seen so far: path -> Entry in order of their last appearance.
+
+    Public, with :func:`entry_of`, so a layer listed from a TOC (:mod:`.toc`) follows exactly the
+    tar rules: names, escapes, hard links, duplicates, a member under a non-directory."""
 
     label: str
     entries: dict[str, Entry] = field(default_factory=dict)
@@ -85,7 +88,8 @@ class _Scan:
             del self.entries[p]
 
 
-def _entry(info: tarfile.TarInfo, path: str, scan: _Scan) -> Entry | None:
+def entry_of(info: tarfile.TarInfo, path: str, scan: Members) -> Entry | None:
+    """The entry for one member (None if it is skipped, with a warning), resolving hard links against ``scan``."""
     if info.type == tarfile.LNKTYPE:
         target = normalise(info.linkname)
         if not target:
@@ -122,7 +126,7 @@ def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = No
 
     ``progress`` returns how many compressed bytes were consumed, for the log line every few seconds.
     """
-    s = _Scan(label)
+    s = Members(label)
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|", errorlevel=1)
     except tarfile.ReadError as exc:
@@ -147,7 +151,7 @@ def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = No
             if path == "" and info.type != tarfile.DIRTYPE:
                 s.skip(info.name, "the layer's root must be a directory")
                 continue
-            entry = _entry(info, path, s)
+            entry = entry_of(info, path, s)
             if entry is not None:
                 s.put(entry)
             if progress is not None and time.monotonic() - last > PROGRESS_EVERY:

@@ -164,7 +164,7 @@ def rows(raw: bytes, label: str) -> Iterator[dict]:
 @dataclass
 class _Builder:
     label: str
-    scan: tarindex._Scan
+    scan: tarindex.Members
     table: ChunkTable = field(default_factory=ChunkTable)
     sizes: array = field(default_factory=lambda: array("q"))
     mtimes: dict[str, float] = field(default_factory=dict)  # most rows share a few modtimes
@@ -222,7 +222,7 @@ def parse(raw: bytes, fmt: str, digest: str, label: str, data_end: int, *, check
     :func:`extra_member` describes it.
     Raises :class:`InvalidLayer` when the TOC cannot be used to read files safely.
     """
-    b = _Builder(label, tarindex._Scan(label))
+    b = _Builder(label, tarindex.Members(label))
     current: tuple[str, int] | None = None  # (name, serial) of the regular file chunks attach to
     last = time.monotonic()
     try:
@@ -283,7 +283,7 @@ def _member(b: _Builder, info: tarfile.TarInfo) -> None:
     elif path == "" and info.type != tarfile.DIRTYPE:
         b.scan.skip(info.name, "the layer's root must be a directory")
     else:
-        entry = tarindex._entry(info, path, b.scan)
+        entry = tarindex.entry_of(info, path, b.scan)
         if entry is not None:
             b.scan.put(entry)
 
