@@ -26,7 +26,7 @@ from imagefs.registry.client import RegistryClient
 from imagefs.registry.tuning import DIRECT_BODIES
 from tests.support import Proxy
 from tests.support.mounting import Mount
-from tests.support.tls import CA, TLSRegistry
+from tests.support.tls import CA, TLSFront, TLSRegistry
 from tests.test_registry_transport import challenge_then_redirect, read
 
 TEST_TIME_LIMIT = 60
@@ -155,6 +155,24 @@ async def test_tls_bodies_are_read_direct_with_the_same_trust(tmp_path):
                 assert await read(client, desc, 0, 1000) == blob.data[:1000]
                 assert await read(client, desc, 1000) == blob.data[1000:]
                 assert client._direct.requests == 1, options
+
+
+async def test_a_tls_body_that_hangs_mid_way_times_out_and_resumes(proxy, images, tmp_path, caplog):
+    """The kernel's receive timeout does not end a read on a TLS socket (OpenSSL retries a
+    blocking socket's EAGAIN), so a direct TLS body has a socket timeout of its own: a registry
+    that hangs mid-body costs the client's timeout, then the rest is fetched again."""
+    desc = shared_desc(images)
+    ca = CA()
+    caplog.set_level(logging.DEBUG, logger="imagefs.registry")  # the retry says why it retried
+    with TLSFront(proxy.host, ca) as front:
+        async with RegistryClient(parse(f"{front.host}/test/oci:v1"), ca_file=str(ca.write_cert(tmp_path / "ca.pem")),
+                                  timeout=1.0) as client:
+            assert await read(client, desc, 0, 1000) == images.shared.data[:1000]  # httpx; learns the recipe
+            front.stall_next_connection(after=256 << 10)  # the direct request's connection
+            with trio.fail_after(30):  # without a timeout of its own it would hang until the front closes
+                assert await read(client, desc, MiB, 5 * MiB) == images.shared.data[MiB:5 * MiB]
+            assert client._direct.requests >= 2, "the body was read direct, and resumed direct"
+    assert "no answer within 1 s" in caplog.text
 
 
 def test_a_cold_cat_through_a_mount_reads_the_blob_direct(proxy, images, mnt, cache_dir):

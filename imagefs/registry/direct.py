@@ -170,13 +170,18 @@ class DirectClient:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if recipe.tls is not None:
+                # TLS takes no MSG_WAITALL, and OpenSSL retries a blocking socket's EAGAIN, so the
+                # kernel's receive timeout would never end a read: Python's own timeout does
+                # (TimeoutError, "no answer within N s").
                 sock = recipe.tls.wrap_socket(sock, server_hostname=recipe.host)
-            # Blocking, with the kernel's own receive timeout: a Python socket timeout would make
-            # the fd non-blocking, and MSG_WAITALL (one GIL release per chunk, not one per
-            # segment) needs a blocking one. A timeout then ends recv early or with EAGAIN.
-            sock.settimeout(None)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+                sock.settimeout(self.timeout)
+            else:
+                # Blocking, with the kernel's own receive timeout: a Python socket timeout would
+                # make the fd non-blocking, and MSG_WAITALL (one GIL release per chunk, not one
+                # per segment) needs a blocking one. A timeout then ends recv early or with EAGAIN.
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
         except BaseException:
             sock.close()
             raise
@@ -283,8 +288,8 @@ class Body:
                     self._busy = False
                     if self._aborted:
                         conn.sock.close()
-        if got < n:
-            del buf[got:]
+        if got < n:  # rare: a copy, since a TLS error's traceback may still hold a view of buf
+            buf = buf[:got]
         return buf
 
     def close(self) -> None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
 import ssl
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .registry import START_TIMEOUT, Registry, RegistryError
 
-__all__ = ["CA", "Issued", "TLSRegistry", "TLS_HOST"]
+__all__ = ["CA", "Issued", "TLSFront", "TLSRegistry", "TLS_HOST"]
 
 #: A loopback address imagefs does not treat as "this machine", so it uses HTTPS.
 TLS_HOST = "127.0.0.2"
@@ -174,3 +177,86 @@ class TLSRegistry(Registry):
                 if time.monotonic() > deadline:
                     raise RegistryError(f"TLS registry on {self.host} not ready: {last}; log tail:\n{self.log_tail()}")
                 time.sleep(0.02)
+
+
+class TLSFront:
+    """HTTPS on ``TLS_HOST`` in front of a plain-HTTP address (say, the fault :class:`Proxy`), so
+    its faults — a stalled answer, a cut body — reach a client over TLS as they would from a real
+    HTTPS registry. Each connection is decrypted here and relayed byte for byte."""
+
+    def __init__(self, upstream: str, ca: CA) -> None:
+        self.upstream = upstream  # host:port
+        self._server = ca.issue(TLS_HOST, ips=(TLS_HOST,))
+        self._sock: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stall_next: int | None = None
+        self._closing = threading.Event()
+
+    def stall_next_connection(self, after: int) -> None:
+        """The next connection opened relays ``after`` bytes of its answers (head included), then
+        nothing more, holding the connection open: a registry that hangs mid-body."""
+        self._stall_next = after
+
+    @property
+    def host(self) -> str:
+        assert self._sock is not None
+        return f"{TLS_HOST}:{self._sock.getsockname()[1]}"
+
+    def __enter__(self) -> "TLSFront":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with tempfile.TemporaryDirectory() as d:
+            cert, key = self._server.write(Path(d) / "front.crt", Path(d) / "front.key")
+            ctx.load_cert_chain(cert, key)
+        self._sock = socket.create_server((TLS_HOST, 0))
+        threading.Thread(target=self._accept, args=(ctx, self._sock), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._closing.set()
+        if self._sock is not None:
+            self._sock.close()
+        with self._lock:
+            for s in self._open:
+                s.close()
+
+    def _accept(self, ctx: ssl.SSLContext, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._relay, args=(ctx, conn), daemon=True).start()
+
+    def _relay(self, ctx: ssl.SSLContext, conn: socket.socket) -> None:
+        try:
+            client = ctx.wrap_socket(conn, server_side=True)
+            host, _, port = self.upstream.rpartition(":")
+            up = socket.create_connection((host, int(port)))
+        except OSError:
+            conn.close()
+            return
+        with self._lock:
+            self._open |= {client, up}
+            stall, self._stall_next = self._stall_next, None
+        threading.Thread(target=self._pump, args=(up, client, stall), daemon=True).start()
+        self._pump(client, up)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, stall: int | None = None) -> None:
+        try:
+            while data := src.recv(65536):
+                if stall is not None and len(data) >= stall:
+                    dst.sendall(data[:stall])
+                    self._closing.wait()  # hang, connection open, until the front closes
+                    return
+                dst.sendall(data)
+                if stall is not None:
+                    stall -= len(data)
+        except OSError:
+            pass
+        finally:  # one side ended: end both, as a proxy does
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
