@@ -11,13 +11,11 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import trio
-
-from .content.local import default_cache_dir
 from .descriptors import Platform
 from .errors import ImagefsError
 from .fs import passthrough
@@ -221,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `imagefs inspect … | head`: the reader has enough; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 128 + signal.SIGPIPE
     return EXIT_USAGE
 
 
@@ -251,7 +252,8 @@ def _setup_logging(debug: bool, path: Path | None = None, level: int = logging.I
 
 
 def cmd_mount(args) -> int:
-    from .fs.mount import MountOptions, check_mountpoint, serve
+    from .content.local import default_cache_dir
+    from .fs.mountpoint import check_mountpoint
 
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
     if args.no_passthrough:
@@ -263,6 +265,10 @@ def cmd_mount(args) -> int:
     check_mountpoint(args.mountpoint)
     if not args.foreground:
         return _spawn_background(args, password)
+
+    import trio
+
+    from .fs.mount import MountOptions, serve
 
     log_path = _log_file(args) if args.ready_fd is not None else None
     _setup_logging(args.debug, path=log_path)

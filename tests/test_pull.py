@@ -122,3 +122,16 @@ def test_inspect_json_fetches_manifests_only(proxy, images, cache_dir):
     assert "linux/arm64/v8" in text and f"└── {ref_key(images.sbom)}" in text
     assert text.count(ref_key(images.shared)) == 2, "the shared layer appears under both platforms"
     assert imagefs("inspect", "--bogus", "x").returncode == 2
+
+
+def test_a_reader_that_stops_early_ends_inspect_quietly(proxy, images, cache_dir):
+    """`imagefs inspect … | head`: once the pipe's reader is gone, exit 141 (SIGPIPE's status, as
+    coreutils give) with nothing on stderr — no traceback."""
+    r, w = os.pipe()
+    os.close(r)  # a reader that has already had enough
+    try:
+        done = subprocess.run([*IMAGEFS, "inspect", f"{proxy.host}/test/oci:v1", "--all-platforms", "--cache-dir", str(cache_dir)],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -27,6 +27,7 @@ from ..reference import Reference, parse
 from ..registry.client import RegistryClient
 from ..registry.credentials import credentials_for
 from . import kernel
+from .mountpoint import check_mountpoint
 from .operations import Operations
 from .passthrough import Passthrough
 from .tree import Tree
@@ -56,16 +57,6 @@ class MountOptions:
     mirrors: tuple[str, ...] = ()
     hosts_dir: Path | None = None
     passthrough: bool = True  # let the kernel read committed blobs from the cache (fs/passthrough.py)
-
-
-def check_mountpoint(path: Path) -> None:
-    """Refuse, before any network, a mount point a user cannot mean."""
-    if not path.exists():
-        raise ImagefsError(f"mount point {path} does not exist")
-    if not path.is_dir():
-        raise ImagefsError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
-        raise ImagefsError(f"{path} is already a mount point (imagefs umount {path} first)")
 
 
 def make_client(ref: Reference, opts: MountOptions) -> RegistryClient:

@@ -1,10 +1,26 @@
 """Talking to OCI distribution registries: :mod:`.auth` (token and basic auth as an httpx flow)
-and :mod:`.client` (resolve references, fetch manifests and blobs)."""
+and :mod:`.client` (resolve references, fetch manifests and blobs).
 
-from . import tuning
-from .auth import RegistryAuth
-from .client import RegistryClient
+Imported lazily: ``imagefs --help`` and the command that starts a background mount read
+:mod:`.hosts` only, and need not load httpx.
+"""
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .auth import RegistryAuth
+    from .client import RegistryClient
 
 __all__ = ["RegistryAuth", "RegistryClient"]
 
-tuning.apply()
+
+def __getattr__(name: str):
+    if name == "RegistryAuth":
+        from .auth import RegistryAuth
+
+        return RegistryAuth
+    if name == "RegistryClient":
+        from .client import RegistryClient
+
+        return RegistryClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,6 +52,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..reference import Reference
+from . import tuning
 from .auth import Credentials, RegistryAuth
 from .blobstream import BlobStream, reason as _reason
 from .credentials import ssl_context
@@ -62,6 +63,8 @@ from .retry import FALLBACK_ATTEMPTS, FETCH, RESOLVE, RETRY_STATUSES, Retrier, R
 __all__ = ["RegistryClient", "uses_plain_http", "LOOPBACK_HOSTS"]
 
 log = logging.getLogger(__name__)
+
+tuning.apply()  # httpcore's read size, before any connection reads
 
 #: How long a mirror that could not be reached is left out before it is tried again.
 MIRROR_COOLDOWN = 30.0

@@ -1,0 +1,19 @@
+"""Checks on a mount point, kept apart from :mod:`.mount` so the command that starts a background
+mount can refuse a bad one without loading pyfuse3, trio and httpx (a third of a second here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ImagefsError
+
+
+def check_mountpoint(path: Path) -> None:
+    """Refuse, before any network, a mount point a user cannot mean."""
+    if not path.exists():
+        raise ImagefsError(f"mount point {path} does not exist")
+    if not path.is_dir():
+        raise ImagefsError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise ImagefsError(f"{path} is already a mount point (imagefs umount {path} first)")
