@@ -118,6 +118,9 @@ def test_estargz_chunks_are_kept_for_the_next_mount(registry, proxy, pimages, tm
     store = LocalStore(cache_dir)
     assert not [r for r in gc.collect(store, grace=0).removed if r.kind == "pieces"]
     assert kept(cache_dir, layer) == chunks
+    evict = gc.collect(store, grace=0, max_size=0, dry_run=True)  # --max-size counts and evicts them too
+    assert [(r.name, r.reason.split(":")[0]) for r in evict.removed if r.kind == "pieces"] == [
+        (f"layer-{layer.digest}", "evicted")]
     for blob in store.blobs.iterdir():  # forget the image: no root, so nothing references the layer
         blob.unlink()
     assert gc.collect(store, grace=60).count("pieces") == 0, "too young: a mount may be adding to them"
