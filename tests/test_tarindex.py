@@ -160,7 +160,7 @@ def test_gzip_spans_are_verified(tmp_path):
 
     def fetch(start, end):
         fetched.append((start, end))
-        return blob.data[start:end]
+        return blob.data[start:end], False  # unchecked: SpanFile checks each span
 
     ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, fetch, "t"), idx.zran)
     off = got["big"].offset + (6 << 20)
@@ -168,6 +168,6 @@ def test_gzip_spans_are_verified(tmp_path):
     assert sum(e - s for s, e in fetched) < 2 * zran.SPACING + 65536  # one span, two at most: never the blob
     bad = bytearray(blob.data)
     bad[fetched[0][0] + 10] ^= 0xFF
-    ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, lambda s, e: bytes(bad[s:e]), "t"), idx.zran)
+    ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, lambda s, e: (bytes(bad[s:e]), False), "t"), idx.zran)
     with pytest.raises(DigestMismatch):
         ra.pread(off, 4096)

@@ -231,24 +231,25 @@ class Layers:
             stats.span_bytes_fetched += sum(map(len, parts))
             return b"".join(parts)
 
-        def get(start: int, end: int) -> bytes:
+        def get(start: int, end: int) -> tuple[bytes, bool]:
             path = store.path(desc.digest)
             if path is not None:
                 try:
                     with open(path, "rb") as f:
-                        return os.pread(f.fileno(), end - start, start)
+                        return os.pread(f.fileno(), end - start, start), False
                 except FileNotFoundError:  # evicted just now: the registry still has it
                     pass
             digest = digests.get(start)
             if digest is not None:
-                data = pieces.get(digest)
+                data = pieces.get(digest)  # checked as it is loaded
                 if data is not None:
                     stats.spans_kept += 1
-                    return data
+                    return data, True
             data = trio.from_thread.run(fetch, start, end)
-            if digest is not None and hashlib.sha256(data).hexdigest() == digest:
-                pieces.put(digest, data)  # SpanFile rejects a wrong one; it is never kept
-            return data
+            checked = digest is not None and hashlib.sha256(data).hexdigest() == digest
+            if checked:
+                pieces.put(digest, data)
+            return data, checked  # a wrong span is SpanFile's to refuse, and never kept
 
         return get
 

@@ -72,10 +72,12 @@ class SpanFile(io.RawIOBase):
     """The compressed blob as indexed_gzip reads it: any byte range, served span by span.
 
     ``fetch(start, end)`` returns those bytes of the blob from wherever they are (the committed
-    file, or the registry); each span is checked against its recorded sha256 before use.
+    file, kept pieces, the registry) and whether it already checked them against the span's sha256
+    (so a span is hashed once); every span is checked before use, by the fetcher or here.
     """
 
-    def __init__(self, size: int, spans: list[tuple[int, str]], fetch: Callable[[int, int], bytes], label: str) -> None:
+    def __init__(self, size: int, spans: list[tuple[int, str]], fetch: Callable[[int, int], tuple[bytes, bool]],
+                 label: str) -> None:
         super().__init__()
         self.size, self.label, self._fetch = size, label, fetch
         self.starts = [s for s, _ in spans]
@@ -105,8 +107,8 @@ class SpanFile(io.RawIOBase):
             return data
         start = self.starts[i]
         end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
-        data = self._fetch(start, end)
-        if hashlib.sha256(data).hexdigest() != self.digests[i]:
+        data, checked = self._fetch(start, end)
+        if not checked and hashlib.sha256(data).hexdigest() != self.digests[i]:
             raise DigestMismatch(f"{self.label}: compressed bytes {start}-{end - 1} do not match the digest in the index")
         self._spans[i] = data
         while len(self._spans) > KEEP_SPANS:
