@@ -159,13 +159,7 @@ def check(store: LocalStore, *, repair: bool = False, workers: int | None = None
 
 
 def _check_pieces(c: _Checker, store: LocalStore, workers: int) -> None:
-    files = []
-    for layer in pieces.sizes(store.root):
-        d = pieces.layer_dir(store.root, layer)
-        try:
-            files += [p for p in d.iterdir() if not p.name.startswith(".")]
-        except OSError:
-            continue
+    files = [p for layer in pieces.kept(store.root) for p in layer.files]
     with ThreadPoolExecutor(workers, thread_name_prefix="fsck-hash") as pool:
         for p, actual in zip(files, pool.map(_safe_hash, files)):
             if actual is not None and actual != f"sha256:{p.name}":

@@ -153,8 +153,9 @@ def collect(store: LocalStore, *, dry_run: bool = False, max_size: int | None = 
                                lambda i=item: maintenance.remove_ingest(store, i)):
                     total -= item.disk_bytes
             elif kind == "pieces":
-                assert isinstance(item, _Pieces)
-                if plan.remove(Removal("pieces", item.name, item.size, f"evicted: last added to {when}"), item.remove):
+                assert isinstance(item, pieces.Kept)
+                if plan.remove(Removal("pieces", item.name, item.size, f"evicted: last added to {when}"),
+                               lambda d=item.dir: shutil.rmtree(d, ignore_errors=True)):
                     total -= item.size
             else:
                 assert isinstance(item, maintenance.BlobFile)
@@ -217,38 +218,21 @@ def _sweep_layer_indexes(store: LocalStore, plan: _Plan, reached: set[str], now:
         plan.remove(Removal("layer index", p.name, _size(p), reason), lambda p=p: p.unlink(missing_ok=True))
 
 
-@dataclass(frozen=True)
-class _Pieces:
-    """One layer's directory of verified pieces."""
-
-    layer: str
-    path: Path
-    size: int
-    mtime: float
-
-    @property
-    def name(self) -> str:
-        return f"layer-{self.layer}"
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def _sweep_pieces(store: LocalStore, plan: _Plan, committed: set[str], reached: set[str], now: float,
-                  grace: float) -> list[_Pieces]:
+                  grace: float) -> list[pieces.Kept]:
     """``CACHE/pieces/sha256/<layer hex>/``: gone with the layer's last reference, or once its whole
     blob is committed; the rest is returned, for ``--max-size``."""
     left = []
-    for layer, (_, size) in pieces.sizes(store.root).items():
-        found = _Pieces(layer, pieces.layer_dir(store.root, layer), size, _mtime(pieces.layer_dir(store.root, layer)))
-        if layer in committed:
+    for found in pieces.kept(store.root):
+        if found.layer in committed:
             reason = "its blob is committed"
-        elif (layer not in reached or not maintenance.HEX_RE.match(layer.partition(":")[2])) and now - found.mtime >= grace:
+        elif (found.layer not in reached or not maintenance.HEX_RE.match(found.layer.partition(":")[2])) \
+                and now - found.mtime >= grace:
             reason = "its layer is unreferenced"
         else:
             left.append(found)
             continue
-        plan.remove(Removal("pieces", found.name, size, reason), found.remove)
+        plan.remove(Removal("pieces", found.name, found.size, reason), lambda d=found.dir: shutil.rmtree(d, ignore_errors=True))
     return left
 
 

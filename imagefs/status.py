@@ -82,15 +82,15 @@ def status(store: LocalStore) -> CacheStatus:
     images.sort(key=lambda i: -i.last_used)
     ingests = maintenance.ingests(store)
     unref = [b for d, b in blobs.items() if d not in reached_any]
-    kept = pieces.sizes(store.root).values()
+    kept = pieces.kept(store.root)
     return CacheStatus(
         path=str(store.root),
         blobs=len(blobs),
         bytes=sum(b.size for b in blobs.values()),
         ingests=len(ingests),
         ingest_bytes=sum(i.disk_bytes for i in ingests),
-        pieces=sum(n for n, _ in kept),
-        piece_bytes=sum(b for _, b in kept),
+        pieces=sum(len(k.files) for k in kept),
+        piece_bytes=sum(k.size for k in kept),
         unreferenced_blobs=len(unref),
         unreferenced_bytes=sum(b.size for b in unref),
         images=tuple(images),

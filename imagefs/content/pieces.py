@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,7 @@ class Pieces:
 
     def __init__(self, root: Path | str, layer_digest: str) -> None:
         self.dir = layer_dir(root, layer_digest)
-        self.loaded = 0  # pieces served from here
-        self.stored = 0
-        self._warned = False
+        self._warned = False  # a full disk is said once per layer
 
     def get(self, sha256_hex: str) -> bytes | None:
         """The piece whose sha256 is ``sha256_hex``, checked now; None if it is not here (or was wrong)."""
@@ -54,7 +53,6 @@ class Pieces:
             log.warning("%s: a cached piece does not match its digest: removed, fetching it again", path)
             path.unlink(missing_ok=True)
             return None
-        self.loaded += 1
         return data
 
     def put(self, sha256_hex: str, data: bytes) -> None:
@@ -68,7 +66,6 @@ class Pieces:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             os.replace(tmp, path)  # readers see the whole piece or none
-            self.stored += 1
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if not self._warned:
@@ -76,24 +73,41 @@ class Pieces:
                 log.warning("cannot keep verified pieces in %s: %s", self.dir, exc)
 
 
-def sizes(root: Path | str) -> dict[str, tuple[int, int]]:
-    """``{layer digest: (pieces, bytes)}`` of what is kept, for ``ls`` and ``gc``."""
+@dataclass(frozen=True)
+class Kept:
+    """One layer's kept pieces, as ``ls``, ``gc`` and ``fsck`` see them."""
+
+    layer: str  # the layer's digest
+    dir: Path
+    files: tuple[Path, ...]  # the pieces, not a writer's temporary files
+    size: int  # bytes on disk, temporary files included
+    mtime: float  # when a piece was last added
+
+    @property
+    def name(self) -> str:
+        return f"layer-{self.layer}"
+
+
+def kept(root: Path | str) -> list[Kept]:
+    """Every layer's kept pieces, one directory listing each."""
     base = Path(root) / "pieces" / "sha256"
-    out: dict[str, tuple[int, int]] = {}
     try:
-        layers = list(base.iterdir())
+        dirs = list(base.iterdir())
     except OSError:
-        return out
-    for d in layers:
-        n = total = 0
+        return []
+    out = []
+    for d in dirs:
+        files, size = [], 0
         try:
+            mtime = d.lstat().st_mtime
             for p in d.iterdir():
                 try:
-                    total += p.lstat().st_size
-                    n += 1
+                    size += p.lstat().st_size
                 except OSError:
-                    pass
+                    continue
+                if not p.name.startswith("."):
+                    files.append(p)
         except OSError:
             continue
-        out[f"sha256:{d.name}"] = (n, total)
+        out.append(Kept(f"sha256:{d.name}", d, tuple(files), size, mtime))
     return out
