@@ -329,8 +329,7 @@ class BlobReader:
         finally:
             blob.claimed.remove(req.start, req.end)
             blob.requests.discard(req)
-            writer.save()
-            writer.notify()
+            writer.notify()  # what landed is recorded by _record, started as it landed
 
     def _after_write(self, blob: _Blob) -> None:
         """Hash the growing prefix in the background; commit once every byte is here."""
