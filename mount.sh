@@ -20,7 +20,10 @@ say() { printf 'mount.sh: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 install_system() {
-    local pkgs=(fuse3 libfuse3-dev pkg-config attr docker-registry skopeo umoci curl)
+    # bubblewrap: imagefs run's sandbox; flatbuffers-compiler: flatc checks zTOCs;
+    # golang-go + the stargz library: tests build eStargz / zstd:chunked layers with the real producers
+    local pkgs=(fuse3 libfuse3-dev pkg-config attr docker-registry skopeo umoci curl bubblewrap
+                flatbuffers-compiler golang-go golang-github-containerd-stargz-snapshotter-dev)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
