@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-l", "--lazy", action="store_true",
                    help="detach now even if a program still uses the mount (it goes away when they finish)")
     _cache_verbs(sub)
+    _copy_verbs(sub)
     return parser
 
 
@@ -201,6 +202,44 @@ def _cache_verbs(sub) -> None:
     s.add_argument("--json", action="store_true", help="as JSON")
     _cache_dir_arg(s)
     s.set_defaults(run=_lazy("imagefs.status", "run"))
+
+
+def _copy_verbs(sub) -> None:
+    """copy and rm: an image out of the cache or a registry, and an image forgotten."""
+    c = sub.add_parser("copy", help="copy an image (every platform, digests kept) to a registry or an OCI layout",
+                       description="Copy SRC (a registry reference: tag or digest) to DEST (a registry reference, "
+                       "or oci:DIR[:TAG]) byte for byte, so every digest stays. Blobs the cache holds come from "
+                       "it (SRC may be down); the rest stream from SRC, verified, and are kept in the cache. "
+                       "Blobs DEST has are skipped; on the same registry they are mounted from SRC's repository. "
+                       "The tag is written last; the digest written is printed last. --username and "
+                       "--password-stdin serve both registries.")
+    c.add_argument("src", metavar="SRC", help="image reference, e.g. 127.0.0.1:5000/app:v1, ghcr.io/org/img@sha256:…")
+    c.add_argument("dest", metavar="DEST", help="registry reference, or oci:DIR[:TAG] (TAG defaults to latest)")
+    c.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
+                   help="copy only this platform's manifest (DEST names it); default: the whole index")
+    c.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    _registry_args(c)
+    c.add_argument("--debug", action="store_true", help="log every request")
+    _cache_dir_arg(c)
+    c.set_defaults(run=_registry_verb(_lazy("imagefs.copy", "run")))
+
+    r = sub.add_parser("rm", help="forget images: their gc root and remembered tag (imagefs gc then frees them)",
+                       description="Forget each REF: its gc root label and remembered tag go, so the next "
+                       "`imagefs gc` sweeps what no other image references. A live mount keeps its image until unmounted.")
+    r.add_argument("refs", metavar="REF", nargs="+", help="image reference (tag or digest), as it was mounted or pulled")
+    _cache_dir_arg(r)
+    r.set_defaults(run=_lazy("imagefs.rm", "run"))
+
+
+def _registry_verb(run):
+    """``run`` after this module's password and logging set-up (read once, before any task starts)."""
+
+    def wrapped(args) -> int:
+        args.password = _read_password(args)
+        _setup_logging(args.debug, level=logging.WARNING)
+        return run(args)
+
+    return wrapped
 
 
 def main(argv: list[str] | None = None) -> int:

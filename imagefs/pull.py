@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 # -- progress --------------------------------------------------------------------------------------
 
 
+#: Outcomes of a blob that moved no bytes through us: cached already, present at the destination, or
+#: mounted there from another repository (``imagefs copy``).
+WITHOUT_BYTES = frozenset({"exists", "skipped", "mounted"})
+
+
 class Progress(Protocol):
     def planned(self, desc: Descriptor) -> None:
         """``desc`` will be fetched or found: it counts in the total."""
@@ -52,7 +57,8 @@ class Progress(Protocol):
         """``nbytes`` more of ``desc`` arrived."""
 
     def done(self, desc: Descriptor, outcome: str) -> None:
-        """``desc`` is ``fetched``, ``exists`` (was cached) or ``failed``."""
+        """``desc`` is ``fetched``, ``exists`` (was cached) or ``failed``; for a copy ``uploaded``,
+        ``skipped`` (present at the destination) or ``mounted`` (from another repository)."""
 
     def close(self) -> None: ...
 
@@ -112,9 +118,10 @@ class RichProgress:
         task = self.tasks.pop(desc.digest, None)
         if task is not None:
             self.bars.remove_task(task)
-        if outcome == "exists":
+        if outcome in WITHOUT_BYTES:
             self.bars.advance(self.total, desc.size)
-        style = {"fetched": "green", "exists": "dim", "failed": "red"}.get(outcome, "")
+        style = {"fetched": "green", "uploaded": "green", "mounted": "cyan", "failed": "red"}.get(
+            outcome, "dim" if outcome in WITHOUT_BYTES else "")
         self.bars.console.print(f"[{style}]{outcome:<7}[/] {desc.ref_key} {human(desc.size)}", highlight=False,
                                 soft_wrap=True)
 
@@ -199,7 +206,7 @@ async def pull(store: LocalStore, client, ref_text: str, *, platform: Platform, 
         try:
             await fetch(store, fetcher, desc, root=desc.digest == root.digest)
         except (ImagefsError, OSError) as exc:
-            failed.append((desc, _one_line(exc)))
+            failed.append((desc, one_line(exc)))
             progress.done(desc, "failed")
         else:
             finish(desc)
@@ -211,7 +218,7 @@ async def pull(store: LocalStore, client, ref_text: str, *, platform: Platform, 
                       sum(fetcher.streamed.values()), time.monotonic() - started)
 
 
-def _run(main):
+def run_verb(main):
     """``trio.run(main)``; several registry errors at once (a concurrent walk) become one, counted."""
     try:
         return trio.run(main)
@@ -221,10 +228,10 @@ def _run(main):
             raise
         first = errors[0]
         more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ImagefsError(_one_line(first) + more) from exc
+        raise ImagefsError(one_line(first) + more) from exc
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -278,9 +285,9 @@ def run_pull(args) -> int:
                               all_platforms=args.all_platforms, progress=progress)
 
     try:
-        result = _run(main)
+        result = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"pull {args.ref}: {_one_line(exc)}") from exc
+        raise ImagefsError(f"pull {args.ref}: {one_line(exc)}") from exc
     finally:
         progress.close()
     for desc, err in result.failed:
@@ -373,9 +380,9 @@ def run_inspect(args) -> int:
                                  all_platforms=args.all_platforms)
 
     try:
-        doc = _run(main)
+        doc = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"inspect {args.ref}: {_one_line(exc)}") from exc
+        raise ImagefsError(f"inspect {args.ref}: {one_line(exc)}") from exc
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

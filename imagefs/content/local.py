@@ -158,6 +158,25 @@ class LocalStore:
         merged.update(labels)
         _atomic_write(sidecar, json.dumps(merged, sort_keys=True).encode())
 
+    def remove_labels(self, digest: str, names: list[str]) -> None:
+        """Drop labels from a committed blob (``imagefs rm`` drops ``gc.root``)."""
+        hex_ = digest.split(":", 1)[1]
+        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+        if sidecar.exists():
+            kept = {k: v for k, v in json.loads(sidecar.read_text()).items() if k not in names}
+            _atomic_write(sidecar, json.dumps(kept, sort_keys=True).encode())
+        p = self.blobs / hex_
+        present = [n for n in names if XATTR_PREFIX + n in _listxattr(p)]
+        if not present:
+            return
+        mode = p.stat().st_mode
+        os.chmod(p, mode | 0o200)  # a 0444 file refuses xattr changes to anyone but root
+        try:
+            for n in present:
+                os.removexattr(p, XATTR_PREFIX + n)
+        finally:
+            os.chmod(p, mode)
+
     # -- tags -----------------------------------------------------------------------------------
 
     def _tag_path(self, name: str, tag: str) -> Path:
@@ -168,6 +187,15 @@ class LocalStore:
         p = self._tag_path(name, tag)
         p.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(p, json.dumps({"descriptor": desc_json, "resolved": now_rfc3339()}).encode())
+
+    def forget_tag(self, name: str, tag: str) -> bool:
+        """Forget what ``name:tag`` resolved to; False if it was not remembered."""
+        p = self._tag_path(name, tag)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def recall_tag(self, name: str, tag: str) -> tuple[dict, str] | None:
         p = self._tag_path(name, tag)
@@ -373,6 +401,13 @@ class Writer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _listxattr(path: Path) -> list[str]:
+    try:
+        return os.listxattr(path)
+    except OSError:
+        return []
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

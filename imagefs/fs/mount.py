@@ -25,7 +25,7 @@ from ..layers.service import Layers
 from ..reader import SPAN, BlobReader
 from ..reference import Reference, parse
 from ..registry.client import RegistryClient
-from ..registry.credentials import credentials_for
+from ..registry.connect import registry_client
 from . import kernel
 from .mountpoint import check_mountpoint
 from .operations import Operations
@@ -61,17 +61,9 @@ class MountOptions:
 
 def make_client(ref: Reference, opts: MountOptions) -> RegistryClient:
     """The registry client a mount (or any verb that reads a registry) uses."""
-    return RegistryClient(
-        ref,
-        plain_http=opts.plain_http,
-        insecure=opts.insecure,
-        ca_file=opts.ca_file,
-        cert_dir=opts.cert_dir,
-        credentials=credentials_for(ref, opts.username, opts.password),
-        timeout=opts.timeout,
-        mirrors=opts.mirrors,
-        hosts_dir=opts.hosts_dir,
-    )
+    return registry_client(ref, plain_http=opts.plain_http, insecure=opts.insecure, ca_file=opts.ca_file,
+                           cert_dir=opts.cert_dir, username=opts.username, password=opts.password,
+                           timeout=opts.timeout, mirrors=opts.mirrors, hosts_dir=opts.hosts_dir)
 
 
 async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
