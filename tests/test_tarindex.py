@@ -114,7 +114,7 @@ def test_large_layer_index_is_small_and_loads_fast(tmp_path):
     built = time.process_time() - t
     assert len(idx.entries) == 20_100
     path = entries.save(tmp_path / "cache", idx)
-    assert path.name.endswith(".v2") and path.stat().st_size < 400_000
+    assert path.name.endswith(".v3") and path.stat().st_size < 400_000
     t = time.process_time()
     again = entries.load(tmp_path / "cache", blob.digest)
     loaded = time.process_time() - t

@@ -89,7 +89,7 @@ class Operations(pyfuse3.Operations):
             entry = node.item.entry
             a.st_uid, a.st_gid, a.st_rdev = entry.uid, entry.gid, entry.rdev
             a.st_size = len(node.target) if node.target else entry.size
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(entry.mtime * 1e9)
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = entry.mtime  # ns, as the tar says
         elif node.data is not None:
             a.st_size = len(node.data)
         elif node.target:
@@ -142,8 +142,14 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         node = self._node(fh & INODE_MASK)
         self.readdirs += 1
-        # Offsets are positions in an append-only list, so they survive discovery.
-        for i, (name, child) in enumerate(self.tree.listing(node, start_id), start_id):
+        # Offsets 1 and 2 follow "." and ".."; entry n (a position in an append-only list) is
+        # followed by 3 + n, so offsets survive discovery.
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attr(node), 1):
+            return
+        if start_id < 2 and not pyfuse3.readdir_reply(token, b"..", self._attr(self.tree.parent(node)), 2):
+            return
+        start = max(start_id, 2)
+        for i, (name, child) in enumerate(self.tree.listing(node, start - 2), start):
             if not pyfuse3.readdir_reply(token, name, self._attr(child), i + 1):
                 return
 

@@ -1,7 +1,8 @@
 """The inode table of a mount: the layout of DESIGN.md §1, grown as the graph is discovered.
 
 Directory entries are only ever appended, so a ``readdir`` offset (an entry's position) stays
-valid while discovery adds descriptors under a reader's feet.
+valid while discovery adds descriptors under a reader's feet. ``.`` and ``..`` are not entries
+here: ``readdir`` adds them, with :meth:`Tree.parent`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Tree:
         self.image = image
         self.layers: Layers | None = None  # set by Operations: what reads layer indexes
         self.nodes: list[Node] = []  # inode n is nodes[n - ROOT_INODE]: numbered in order of creation
+        # directory inode -> its parent's, for ``..`` (kept for directories only: files are most nodes)
+        self.parents: dict[int, int] = {}
         self.top = self._new(DIR_MODE)  # the first node: ROOT_INODE
         self.top.nlink = 2
         self.dirs: dict[str, Node] = {}  # ref key -> descriptor dir
@@ -110,6 +113,7 @@ class Tree:
     def _dir(self, parent: Node, name: bytes, desc: Descriptor | None = None) -> Node:
         node = self._new(DIR_MODE, desc=desc, nlink=2)
         parent.add(name, node.inode)
+        self.parents[node.inode] = parent.inode
         parent.nlink += 1
         return node
 
@@ -186,6 +190,10 @@ class Tree:
             node.index = {n: kid.inode for n, kid in self.listing(node)}
         inode = node.index.get(name)
         return None if inode is None else self.nodes[inode - pyfuse3.ROOT_INODE]
+
+    def parent(self, node: Node) -> Node:
+        """The directory ``..`` names: the mount's top is its own parent, as a filesystem root is."""
+        return self.nodes[self.parents.get(node.inode, pyfuse3.ROOT_INODE) - pyfuse3.ROOT_INODE]
 
     def get(self, inode: int) -> Node:
         """The node of ``inode``; KeyError for one this mount never handed out."""

@@ -69,6 +69,7 @@ async def populate(tree: "Tree", node: "Node") -> None:
                 child = tree._new(entry.st_mode, item=item, view=view)
                 if entry.kind == DIR:
                     child.pending = True
+                    tree.parents[child.inode] = node.inode
                     below = merged.children.get(path, ())
                     child.nlink = 2 + sum(merged.items[k].entry.kind == DIR for k in below)
                 elif entry.kind == SYMLINK:

@@ -3,7 +3,7 @@
 An index is what makes a layer browsable without its blob: every member's metadata and the
 offset of its bytes in the *uncompressed* tar, plus (for gzip) the inflate checkpoints and a
 digest per compressed span. It is written once, atomically, to
-``CACHE/indexes/sha256/<hex>.v2`` as gzip'd JSON (a head, then the members as columns) — about 20
+``CACHE/indexes/sha256/<hex>.v3`` as gzip'd JSON (a head, then the members as columns) — about 20
 bytes a member on disk — and a format change bumps the version in the name, so an old index is
 simply rebuilt.
 """
@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: members stored as columns
+VERSION = 3  # 2: members stored as columns; 3: mtimes in integer ns (they were float seconds)
 
 # Member kinds, one letter each (they are written once per member).
 FILE, DIR, SYMLINK, CHAR, BLOCK, FIFO = "f", "d", "l", "c", "b", "p"
@@ -52,7 +52,7 @@ class Entry:
     mode: int  # permission bits, setuid/setgid/sticky included
     uid: int = 0
     gid: int = 0
-    mtime: float = 0.0
+    mtime: int = 0  # nanoseconds since the epoch, exactly as the tar or TOC says
     size: int = 0
     offset: int = 0  # of the data in the uncompressed tar
     target: str = ""  # a symlink's target as written; a HARDLINK's target path, normalised
@@ -133,12 +133,11 @@ def load(root: Path, digest: str) -> LayerIndex | None:
             head = json.loads(f.readline())
             if head.get("version") != VERSION or head.get("digest") != digest:
                 return None
-            # mtimes (the only floats) and modes take a few distinct values: one object each, not
-            # one per member — and the mtimes never exist as separate floats even for a moment
-            floats: dict[str, float] = {}
-            columns = json.loads(f.readline(), parse_float=lambda t: floats.get(t) or floats.setdefault(t, float(t)))
+            columns = json.loads(f.readline())
+        # modes and (whole-second) mtimes take a few distinct values: one object each, not one per member
         intern = Interner()
         columns["mode"] = [intern(v) for v in columns["mode"]]
+        columns["mtime"] = [intern(v) for v in columns["mtime"]]
         entries = [Entry(*row) for row in zip(*(columns[name] for name in _COLUMNS), strict=True)]
         for i, xattrs in columns["xattrs"].items():
             entries[int(i)].xattrs = {k: base64.b64decode(v) for k, v in xattrs.items()}

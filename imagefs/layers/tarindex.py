@@ -11,7 +11,9 @@ starts. What this module adds is the layer semantics:
   against the layers below, as extraction onto them does (docker, umoci); ``fs/`` cannot show it;
 - a member appearing twice: the last wins (what extraction in tar order leaves on disk);
 - a member under a path held by a non-directory turns that path into a directory, as extraction
-  would have to.
+  would have to;
+- mtimes are integer nanoseconds, exactly as written: tarfile turns a PAX ``mtime`` record into a
+  float, which is a few hundred ns off at today's dates, so the record itself is parsed.
 
 Memory stays flat: ``TarFile.members`` is cleared as we go, so 500,000 members cost only their
 :class:`Entry` rows.
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import IO, Callable
 
 from ..errors import InvalidLayer
@@ -37,6 +42,47 @@ _KINDS = {
 }
 XATTR_PREFIX = "SCHILY.xattr."
 PROGRESS_EVERY = 5.0  # seconds between progress lines in the log
+
+
+NS = 10**9
+#: Seconds held exactly: a TOC's RFC 3339 time as :func:`rfc3339` parses it, in ``TarInfo.mtime``.
+Seconds = Decimal
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def seconds_ns(value) -> int | None:
+    """Seconds (an int, a float, a :data:`Seconds`, or a PAX decimal string) as integer ns, or
+    None if it is no number. Digits past the ninth are dropped, as Go's archive/tar does."""
+    if isinstance(value, int):
+        return value * NS
+    try:
+        exact = Decimal(value.strip() if isinstance(value, str) else value)
+        return int((exact * NS).to_integral_value(ROUND_FLOOR)) if exact.is_finite() else None
+    except (InvalidOperation, ValueError, TypeError):
+        return None
+
+
+def mtime_ns(info: tarfile.TarInfo) -> int:
+    """A member's mtime in ns: its PAX record read exactly, else the header's seconds."""
+    text = info.pax_headers.get("mtime") if info.pax_headers else None
+    found = seconds_ns(text) if text is not None else None
+    return found if found is not None else seconds_ns(info.mtime) or 0
+
+
+def rfc3339(text: str) -> Seconds:
+    """An RFC 3339 time (``2024-01-01T00:00:00.123456789Z``, as Go writes a TOC's ``modtime``)
+    as exact seconds since the epoch; 0 if it is not one. No zone means UTC."""
+    m = _RFC3339.fullmatch(text.strip())
+    if m is None:
+        return Decimal(0)
+    day, clock, fraction, zone = m.groups()
+    try:
+        whole = datetime.fromisoformat(f"{day}T{clock}{'+00:00' if zone in (None, 'Z', 'z') else zone}")
+    except ValueError:
+        return Decimal(0)
+    seconds = (whole - _EPOCH) // timedelta(seconds=1)
+    return Decimal(seconds) + (Decimal("0." + fraction) if fraction else 0)
 
 
 def normalise(name: str) -> str | None:
@@ -117,7 +163,7 @@ def entry_of(info: tarfile.TarInfo, path: str, scan: Members) -> Entry | None:
     } if info.pax_headers else NO_XATTRS
     rdev = os.makedev(info.devmajor, info.devminor) if kind in (CHAR, BLOCK) else 0
     size = info.size if kind == FILE else 0
-    return Entry(path, kind, scan.modes(info.mode & 0o7777), info.uid, info.gid, scan.mtimes(float(info.mtime)), size, info.offset_data,
+    return Entry(path, kind, scan.modes(info.mode & 0o7777), info.uid, info.gid, scan.mtimes(mtime_ns(info)), size, info.offset_data,
                  info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs or NO_XATTRS)
 
 

@@ -32,7 +32,6 @@ import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from ..errors import InvalidLayer
@@ -167,19 +166,17 @@ class _Builder:
     scan: tarindex.Members
     table: ChunkTable = field(default_factory=ChunkTable)
     sizes: array = field(default_factory=lambda: array("q"))
-    mtimes: dict[str, float] = field(default_factory=dict)  # most rows share a few modtimes
+    mtimes: dict[str, tarindex.Seconds] = field(default_factory=dict)  # most rows share a few modtimes
     outside: int = -1  # the chunk from here on is the TOC member itself: after data_end, bounded by the footer
 
 
-def _mtime(b: _Builder, text) -> float:
+def _mtime(b: _Builder, text) -> tarindex.Seconds | int:
+    """Exact seconds (Go writes nanoseconds: a float would lose the last few hundred)."""
     if not isinstance(text, str) or not text:
-        return 0.0
+        return 0
     found = b.mtimes.get(text)
     if found is None:
-        try:
-            found = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            found = 0.0
+        found = tarindex.rfc3339(text)
         if len(b.mtimes) < 4096:
             b.mtimes[text] = found
     return found
