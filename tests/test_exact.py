@@ -1,0 +1,117 @@
+"""What a mount shows exactly as the image says it: nanosecond mtimes, ``.`` and ``..``, and the
+layer diff_ids of the config checked wherever a layer is inflated whole anyway."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagefs.layers import toc
+from imagefs.testing import images as im
+from tests.support.mounting import Mount
+from tests.test_rootfs import unpack
+
+#: mtimes a GNU tar in POSIX format keeps to the nanosecond (its PAX records drop trailing zeros)
+MTIMES = {
+    "d": 1699999999_999999999,  # a float rounds this one up into the next second
+    "d/f": 1700000000_172353130,
+    "d/whole": 1700000000_000000000,
+    "g": 1700000000_000000001,
+    "old": -1_500000000,  # before the epoch, with a fraction
+    "many": 1700000001_5,
+}
+MANY = 3000  # entries in one directory: several READDIR requests, so offsets must resume right
+
+
+def gnu_tar_layer(tmp_path: Path) -> im.Blob:
+    """A gzip layer that GNU tar wrote (``--format=posix``) from files with sub-second mtimes."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "many").mkdir()
+    for name in ("d/f", "d/whole", "g", "old"):
+        (src / name).write_text(name)
+    for i in range(MANY):
+        (src / "many" / f"entry-{i:04d}").write_bytes(b"")
+    for name, ns in sorted(MTIMES.items(), key=lambda kv: -kv[0].count("/")):  # files before their directory
+        os.utime(src / name, ns=(ns, ns), follow_symlinks=False)
+    tar = tmp_path / "layer.tar"
+    subprocess.run(["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--sort=name",
+                    "--owner=0", "--group=0", "--numeric-owner", "-C", src, "-cf", tar, "d", "g", "old", "many"],
+                   check=True, capture_output=True)
+    return im.Blob(im.OCI_LAYER_GZIP, im.compress(tar.read_bytes(), "gzip"))
+
+
+@pytest.fixture(scope="module")
+def ns_image(registry, tmp_path_factory):
+    layer = gnu_tar_layer(tmp_path_factory.mktemp("gnutar"))
+    img = im.image([layer])
+    im.push(registry.host, "exact/ns", img, "v1")
+    return img
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in root.rglob("*") if "entry-" not in p.name}
+
+
+def test_pax_mtimes_are_exact_to_the_nanosecond(registry, ns_image, tmp_path, cache_dir):
+    want = mtimes(unpack(registry, "exact/ns", tmp_path))
+    assert {k: want[k] for k in MTIMES} == MTIMES, "umoci keeps nanoseconds too"
+    for n in (1, 2):  # the index built from the tar, then the persisted one
+        with Mount(f"{registry.host}/exact/ns:v1", tmp_path / f"m{n}", cache_dir) as m:
+            assert mtimes(m.path("rootfs")) == want
+            assert mtimes(m.path(f"layer-{ns_image.layers[0].digest}", "fs")) == want
+            shown = subprocess.run(["stat", "-c", "%y", m.path("rootfs/d/f")], capture_output=True, text=True, check=True)
+            assert shown.stdout.split()[1] == "22:13:20.172353130"
+            st = m.path("rootfs/d/f").stat()
+            assert st.st_atime_ns == st.st_ctime_ns == MTIMES["d/f"]
+        assert ("indexed layer-" in m.log_text()) == (n == 1), m.log_text()
+
+
+def test_toc_modtimes_are_exact_to_the_nanosecond():
+    rows = [{"name": "d/", "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20.17235313Z"},
+            {"name": "z", "type": "dir", "mode": 0o755, "modtime": "2023-11-15T00:13:20.000000001+02:00"},
+            {"name": "s", "type": "dir", "mode": 0o755, "modtime": "2023-11-14T22:13:20Z"},
+            {"name": "bad", "type": "dir", "mode": 0o755, "modtime": "yesterday"}]
+    raw = json.dumps({"version": 1, "entries": rows}).encode()
+    got = {e.path: e.mtime for e in toc.parse(raw, toc.ESTARGZ, "sha256:" + "0" * 64, "t", 0, checksum="").index.entries}
+    assert got == {"d": 1700000000_172353130, "z": 1700000000_000000001, "s": 1700000000_000000000, "bad": 0}
+    assert all(type(v) is int for v in got.values())
+
+
+def ls_a(path: Path) -> list[str]:
+    """``ls -a`` in readdir order (-f: unsorted), one name a line."""
+    return subprocess.run(["ls", "-a1f", path], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def inode_of(path: Path, name: str) -> int:
+    out = subprocess.run(["ls", "-ai1f", path], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0]) for line in out.splitlines() if line.split()[1] == name)
+
+
+def test_dot_and_dotdot_are_listed(registry, ns_image, mnt, cache_dir):
+    with Mount(f"{registry.host}/exact/ns:v1", mnt, cache_dir) as m:
+        manifest = m.path(f"manifest-{ns_image.digest}")
+        places = {
+            # the top's ".." is ours (its own inode) in the listing, but ls shows what the kernel
+            # resolves it to: the directory the mount covers a part of
+            m.mountpoint: m.mountpoint.parent,
+            manifest: m.mountpoint,
+            m.path("blobs", "sha256"): m.path("blobs"),
+            manifest / "rootfs": manifest,
+            m.path("rootfs", "d"): manifest / "rootfs",
+            m.path("rootfs", "many"): manifest / "rootfs",
+            m.path(f"layer-{ns_image.layers[0].digest}", "fs", "d"): m.path(f"layer-{ns_image.layers[0].digest}", "fs"),
+        }
+        for place, parent in places.items():
+            names = ls_a(place)
+            assert names[:2] == [".", ".."], place
+            rest = names[2:]
+            assert len(rest) == len(set(rest)) and sorted(rest) == sorted(e.name for e in os.scandir(place)), place
+            assert inode_of(place, ".") == os.lstat(place).st_ino, place
+            assert inode_of(place, "..") == os.lstat(parent).st_ino, place
+        assert len(ls_a(m.path("rootfs", "many"))) == MANY + 2
+        assert os.lstat(m.mountpoint).st_ino == 1
