@@ -1,0 +1,254 @@
+"""``imagefs copy`` (issue 10) end to end, through the real command line: the session registry (with
+its counting, fault-injecting proxy) is the source; a second docker-registry with its own storage,
+behind its own proxy, is the destination; a third, behind the token issuer, checks push auth.
+What is written is checked with tools we did not write: skopeo (every digest) and umoci."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imagefs.testing import images as im
+from tests.support import Proxy, Registry, free_port
+from tests.support.tokenserver import Rule, TokenServer
+
+IMAGEFS = [sys.executable, "-m", "imagefs"]
+ACCEPT = ", ".join([im.OCI_INDEX, im.OCI_MANIFEST, im.DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json"])
+ALICE_PW = "alice-" + os.urandom(8).hex()
+
+
+@pytest.fixture(scope="module")
+def dest(tmp_path_factory):
+    with Registry(tmp_path_factory.mktemp("dest")) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def dest_proxy_server(dest):
+    with Proxy(dest.host) as p:
+        yield p
+
+
+@pytest.fixture
+def dest_proxy(dest_proxy_server):
+    dest_proxy_server.clear_faults()
+    dest_proxy_server.reset()
+    return dest_proxy_server
+
+
+def copy(*args, cache_dir, env=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([*IMAGEFS, "copy", *map(str, args), "--cache-dir", str(cache_dir)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("imagefs: ")
+    return lines[0]
+
+
+def manifest(host: str, repo: str, obj: str) -> httpx.Response:
+    return httpx.get(f"http://{host}/v2/{repo}/manifests/{obj}", headers={"Accept": ACCEPT})
+
+
+def has_blob(host: str, repo: str, digest: str) -> bool:
+    return httpx.head(f"http://{host}/v2/{repo}/blobs/{digest}").status_code == 200
+
+
+def uploads(p: Proxy) -> list:
+    """Requests that send blob bytes or start an upload."""
+    return [h for h in p.hits if "/blobs/uploads/" in h.path and h.method in ("POST", "PATCH", "PUT")]
+
+
+# -- a whole index --------------------------------------------------------------------------------
+
+
+def test_a_multi_platform_index_is_copied_byte_identical(proxy, images, dest, dest_proxy, cache_dir, tmp_path):
+    done = ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/copy/oci:v1", cache_dir=cache_dir))
+    assert done.stdout.splitlines()[-1] == images.oci.digest, "the digest written is printed last"
+    assert manifest(dest.host, "copy/oci", "v1").content == images.oci.index.data
+    for child in (images.amd, images.arm):
+        assert manifest(dest.host, "copy/oci", child.digest).content == child.manifest.data
+        for blob in (child.config, *child.layers):
+            assert has_blob(dest.host, "copy/oci", blob.digest)
+    assert manifest(dest.host, "copy/oci", images.sbom.digest).content == images.sbom.data
+    # the tag went up last, after every manifest it needs
+    puts = [h.path for h in dest_proxy.hits if h.method == "PUT" and "/manifests/" in h.path]
+    assert puts[-1].endswith("/manifests/v1")
+    # what streamed is in the cache now, verified
+    blobs = cache_dir / "blobs" / "sha256"
+    assert (blobs / images.shared.digest[7:]).read_bytes() == images.shared.data
+    skopeo = subprocess.run(["skopeo", "copy", "--all", "--src-tls-verify=false",
+                             f"docker://{dest.host}/copy/oci:v1", f"oci:{tmp_path / 'sk'}:v1"],
+                            capture_output=True, text=True, timeout=120)
+    assert skopeo.returncode == 0, skopeo.stderr
+
+    again = ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/copy/oci:v1", cache_dir=tmp_path / "fresh"))
+    assert "uploaded 0 (0 B)" in again.stdout
+    assert uploads(dest_proxy) == [], "a second copy uploads nothing"
+    assert [h.path for h in dest_proxy.hits if h.method == "PUT"] == [puts[-1]], "only the tag is written again"
+
+
+def test_platform_copies_one_manifest_and_dest_names_it(proxy, images, dest, dest_proxy, cache_dir):
+    done = ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/copy/amd:v1", "--platform", "linux/amd64",
+                   cache_dir=cache_dir))
+    assert done.stdout.splitlines()[-1] == images.amd.digest
+    assert manifest(dest.host, "copy/amd", "v1").content == images.amd.manifest.data
+    assert manifest(dest.host, "copy/amd", images.arm.digest).status_code == 404
+
+
+def test_within_one_registry_blobs_are_mounted_not_sent(images, dest, dest_proxy, proxy, cache_dir, tmp_path):
+    ok(copy(f"{proxy.host}/test/docker:v1", f"{dest.host}/mount/src:v1", cache_dir=tmp_path / "c1"))
+    dest_proxy.reset()
+    done = ok(copy(f"{dest_proxy.host}/mount/src:v1", f"{dest_proxy.host}/mount/dst:v1", cache_dir=cache_dir))
+    assert "mounted" in done.stdout
+    mounts = [h for h in dest_proxy.hits if h.method == "POST" and "mount=" in h.path]
+    assert mounts and all(h.status == 201 for h in mounts)
+    assert not [h for h in dest_proxy.hits if h.method in ("PATCH", "PUT") and "/blobs/uploads/" in h.path]
+    for layer in images.d_amd.layers:
+        assert dest_proxy.bytes_sent(layer.digest) == 0, "the layer's bytes never travelled"
+        assert has_blob(dest.host, "mount/dst", layer.digest)
+    assert manifest(dest.host, "mount/dst", "v1").content == images.docker.index.data
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+
+def test_from_the_cache_with_the_source_registry_stopped(tmp_path, dest, dest_proxy, cache_dir):
+    img = im.index([im.image([im.random_layer(2 << 20, seed=91)], platform={"os": "linux", "architecture": "amd64"}),
+                    im.image([im.random_layer(1 << 20, seed=92)], platform={"os": "linux", "architecture": "arm64"})])
+    with Registry(tmp_path / "src") as src:
+        im.push(src.host, "own/app", img, "v1")
+        subprocess.run([*IMAGEFS, "pull", f"{src.host}/own/app:v1", "--all-platforms", "--cache-dir", str(cache_dir)],
+                       check=True, capture_output=True)
+        src.stop()
+        by_tag = ok(copy(f"{src.host}/own/app:v1", f"{dest_proxy.host}/cached/app:v1", cache_dir=cache_dir))
+        assert "read 0 B from the source" in by_tag.stdout
+        by_digest = ok(copy(f"{src.host}/own/app@{img.digest}", f"{dest_proxy.host}/cached/bydigest:v1",
+                            cache_dir=cache_dir))
+        assert by_digest.stdout.splitlines()[-1] == img.digest
+    assert manifest(dest.host, "cached/app", "v1").content == img.index.data
+    for blob in img.blobs.values():
+        assert has_blob(dest.host, "cached/bydigest", blob.digest) or blob.digest == img.digest
+
+
+def test_a_corrupt_source_blob_fails_and_leaves_no_tag(proxy, images, dest, dest_proxy, cache_dir):
+    layer = images.shared
+    proxy.corrupt(layer.digest, offset=len(layer.data) // 2)
+    line = one_error_line(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/corrupt/oci:v1", cache_dir=cache_dir))
+    assert layer.digest in line and "digest" in line
+    assert manifest(dest.host, "corrupt/oci", "v1").status_code == 404, "no tag on a partial image"
+    assert not has_blob(dest.host, "corrupt/oci", layer.digest)
+    assert not (cache_dir / "blobs" / "sha256" / layer.digest[7:]).exists(), "nothing wrong in the cache"
+    proxy.clear_faults()
+    dest_proxy.reset()
+    ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/corrupt/oci:v1", cache_dir=cache_dir))
+    assert manifest(dest.host, "corrupt/oci", "v1").content == images.oci.index.data
+    sent = {h.path.rsplit("/", 1)[-1] for h in dest_proxy.hits if h.method == "HEAD" and "/blobs/" in h.path}
+    assert layer.digest in sent
+
+
+# -- auth -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_dest(tmp_path_factory):
+    rules = [Rule(None, "*", frozenset({"pull"})), Rule("alice", "*", frozenset({"pull", "push"}))]
+    with TokenServer(tmp_path_factory.mktemp("tokens"), users={"alice": ALICE_PW}, rules=rules) as issuer, \
+            Registry(tmp_path_factory.mktemp("token-dest"), extra_config=issuer.registry_config()) as reg:
+        yield reg
+
+
+def test_token_auth_anonymous_is_refused_and_config_json_credentials_push(proxy, images, token_dest, cache_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR")}
+    env["HOME"] = str(home)
+    target = f"{token_dest.host}/pushed/app:v1"
+    line = one_error_line(copy(f"{proxy.host}/test/single:v1", target, cache_dir=cache_dir, env=env))
+    assert f"access denied to {token_dest.host}/pushed/app (anonymous)" in line and "push" in line
+    (home / ".docker").mkdir()
+    auth = base64.b64encode(f"alice:{ALICE_PW}".encode()).decode()
+    (home / ".docker" / "config.json").write_text(json.dumps({"auths": {token_dest.host: {"auth": auth}}}))
+    done = ok(copy(f"{proxy.host}/test/single:v1", target, cache_dir=cache_dir, env=env))
+    assert done.stdout.splitlines()[-1] == images.single.digest
+    assert ALICE_PW not in done.stdout + done.stderr
+
+
+# -- oci: layouts ---------------------------------------------------------------------------------
+
+
+def test_an_oci_layout_is_read_by_skopeo_and_umoci(proxy, images, cache_dir, tmp_path):
+    layout = tmp_path / "layout"
+    done = ok(copy(f"{proxy.host}/test/oci:v1", f"oci:{layout}:amd", "--platform", "linux/amd64", cache_dir=cache_dir))
+    assert done.stdout.splitlines()[-1] == images.amd.digest
+    inspect = subprocess.run(["skopeo", "inspect", f"oci:{layout}:amd"], capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["Digest"] == images.amd.digest
+    unpack = subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:amd", str(tmp_path / "bundle")],
+                            capture_output=True, text=True, timeout=60)
+    assert unpack.returncode == 0, unpack.stderr
+    assert (tmp_path / "bundle" / "rootfs" / "etc" / "arch").read_bytes() == b"amd64\n"
+    assert (tmp_path / "bundle" / "rootfs" / "opt" / "shared.bin").stat().st_size > 0
+
+    # the whole index beside it, under a second tag; blobs already there are skipped
+    again = ok(copy(f"{proxy.host}/test/oci:v1", f"oci:{layout}:all", cache_dir=cache_dir))
+    assert "skipped 4" in again.stdout  # the amd64 config and layers
+    index = json.loads((layout / "index.json").read_text())
+    names = {m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"] for m in index["manifests"]}
+    assert names == {"amd": images.amd.digest, "all": images.oci.digest}
+    for path in (layout / "blobs" / "sha256").iterdir():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+    assert (layout / "blobs" / "sha256" / images.oci.digest[7:]).read_bytes() == images.oci.index.data
+    raw = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{layout}:all"], capture_output=True, timeout=60)
+    assert raw.stdout == images.oci.index.data
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_for_oci_is_one_line_and_nothing_half_written(proxy, images, cache_dir, small_disk):
+    layout = small_disk / "layout"
+    line = one_error_line(copy(f"{proxy.host}/test/oci:v1", f"oci:{layout}:v1", cache_dir=cache_dir))
+    assert "no space left" in line
+    assert not (layout / "index.json").exists(), "no tag"
+    for path in layout.rglob("*"):
+        assert not path.name.endswith(".tmp"), path
+        if path.parent.name == "sha256":
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_and_exit_1(proxy, cache_dir, dest_proxy, tmp_path):
+    line = one_error_line(copy(f"{proxy.host}/test/nothing:v1", f"oci:{tmp_path / 'x'}", cache_dir=cache_dir))
+    assert "manifest unknown" in line
+    nowhere = f"127.0.0.1:{free_port()}/x/y:v1"
+    line = one_error_line(copy(f"{proxy.host}/test/single:v1", nowhere, cache_dir=cache_dir, timeout=240))
+    assert "127.0.0.1" in line
+    line = one_error_line(copy(f"{proxy.host}/test/single:v1", "oci:", cache_dir=cache_dir))
+    assert "oci:" in line
