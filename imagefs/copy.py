@@ -34,7 +34,7 @@ from .content import maintenance
 from .content.local import LocalStore, Writer
 from .descriptors import (CONFIG_TYPES, LAYER_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST, SHA256_RE, Descriptor,
                           Platform, children, has_children, is_index)
-from .errors import AlreadyExists, DigestMismatch, ImagefsError, Unavailable
+from .errors import AlreadyExists, DigestMismatch, ImagefsError, PlatformNotFound, Unavailable
 from .handlers import GC_REF, Fetcher, commit_labels, dispatch, fetch
 from .image import Image, resolve_root
 from .ocilayout import OciLayout, parse_destination
@@ -306,7 +306,9 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
     await image.open()
     top = root
     if platform is not None and is_index(root):
-        top = next(d for d in image.selected)
+        if not image.selected:
+            raise PlatformNotFound(f"{src_text} has no image for platform {platform}")
+        top = image.selected[0]
     if dest_object is not None and SHA256_RE.match(dest_object) and dest_object != top.digest:
         raise ImagefsError(f"DEST names {dest_object}, but {src_text} is {top.digest}")
     plan = await make_plan(image, store, client, top)
@@ -330,6 +332,8 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
                     raise
                 await source.finish()
                 outcome = "uploaded"
+        except trio.Cancelled:  # a sibling failed: its line says why
+            raise
         except BaseException:
             progress.done(desc, "failed")
             raise
