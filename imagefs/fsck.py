@@ -9,6 +9,12 @@
   mount records.
 - Verified pieces of lazily read layers (``CACHE/pieces``): each is hashed against its name. A
   mount never serves a wrong one (it re-hashes on load), but fsck should say the disk lies.
+- diff_ids: a layer that a cached manifest lists (its ``gc.ref`` labels) under a cached config is
+  inflated in the pass that re-hashes it, and compared with the config's ``rootfs.diff_ids``. A
+  mismatch is a *warning*: the blob is what the registry holds, nothing in the cache is wrong
+  and nothing can be repaired, so it does not change the exit status (as notes do not). A
+  ``containerd.io/uncompressed`` label that disagrees with the inflated bytes is a problem
+  (``pull`` trusts it); ``--repair`` rewrites it.
 
 ``--repair`` removes what is wrong (a removed blob is fetched again by the next mount that needs
 it) and rewrites labels it can derive from a manifest's own verified bytes. Stale ingests, stale
@@ -35,6 +41,7 @@ from .content.local import XATTR_PREFIX, LocalStore, default_cache_dir
 from .descriptors import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, children
 from .errors import ImagefsError
 from .handlers import GC_REF, MEDIATYPE_LABEL
+from .layers import diffids
 from .units import human
 
 EXIT_CLEAN, EXIT_PROBLEMS = 0, 1
@@ -49,6 +56,7 @@ class Finding:
     message: str
     problem: bool = True
     repaired: str = ""  # what --repair did, empty if nothing
+    warning: bool = False  # not a problem of the cache, but worth saying (a wrong diff_id)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,10 @@ class FsckResult:
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.problem]
 
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.warning]
+
 
 @dataclass
 class _Checker:
@@ -71,7 +83,8 @@ class _Checker:
     repair: bool
     findings: list[Finding] = field(default_factory=list)
 
-    def found(self, subject: str, message: str, fix=None, *, how: str = "removed", problem: bool = True) -> None:
+    def found(self, subject: str, message: str, fix=None, *, how: str = "removed", problem: bool = True,
+              warning: bool = False) -> None:
         repaired = ""
         if self.repair and fix is not None:
             try:
@@ -79,15 +92,12 @@ class _Checker:
                 repaired = how
             except OSError as exc:
                 repaired = f"repair failed: {exc.strerror or exc}"
-        self.findings.append(Finding(subject, message, problem, repaired))
+        self.findings.append(Finding(subject, message, problem, repaired, warning))
 
 
 def hash_file(path: Path) -> str:
     """``sha256:<hex>`` of a file, read in bounded chunks without touching its atime."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
-    except PermissionError:  # O_NOATIME is for the owner only
-        fd = os.open(path, os.O_RDONLY)
+    fd = _open_noatime(path)
     h = hashlib.sha256()
     buf = bytearray(HASH_BUFFER)
     view = memoryview(buf)
@@ -107,9 +117,12 @@ def check(store: LocalStore, *, repair: bool = False, workers: int | None = None
                 lambda p=p: shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True))
 
     blobs = {b.digest: b for b in maintenance.blob_files(store)}
+    expected = _listed_diff_ids(store, blobs)
     workers = workers or min(4, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers, thread_name_prefix="fsck-hash") as pool:
-        hashes = dict(zip(blobs, pool.map(_safe_hash, [b.path for b in blobs.values()])))
+        both = list(pool.map(_safe_hash_both, [b.path for b in blobs.values()], [d in expected for d in blobs]))
+    hashes = {d: h for d, (h, _) in zip(blobs, both)}
+    inflated = {d: u for d, (_, u) in zip(blobs, both) if u is not None}
     good: dict[str, maintenance.BlobFile] = {}
     for digest, actual in hashes.items():
         if actual is None:
@@ -123,6 +136,7 @@ def check(store: LocalStore, *, repair: bool = False, workers: int | None = None
     graph = maintenance.walk(store, list(good), good)  # what parents say of each blob's media type
     for digest, blob in good.items():
         _check_labels(c, digest, blob, graph)
+    _check_diff_ids(c, expected, {d: u for d, u in inflated.items() if d in good}, good)
 
     sidecars = maintenance.sidecar_dir(store)
     if sidecars.is_dir():
@@ -166,6 +180,76 @@ def _check_pieces(c: _Checker, store: LocalStore, workers: int) -> None:
                 c.found(f"pieces/sha256/{p.parent.name}/{p.name}",
                         f"content has digest {actual}" if actual.startswith("sha256:") else actual,
                         lambda p=p: p.unlink(missing_ok=True))
+
+
+def _listed_diff_ids(store: LocalStore, blobs: dict[str, maintenance.BlobFile]) -> dict[str, list[tuple[str, str, str]]]:
+    """layer digest -> (manifest, config, diff_id) for each cached manifest that lists it (its
+    gc.ref labels: config first, then layers) under a cached config with ``rootfs.diff_ids``."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for digest in blobs:
+        labels = maintenance.safe_labels(store, digest)
+        if labels.get(MEDIATYPE_LABEL) not in MANIFEST_TYPES:
+            continue
+        refs = [v for _, v in maintenance.ref_labels(labels)]
+        config = blobs.get(refs[0]) if refs else None
+        if config is None or config.size > MAX_MANIFEST_SIZE:
+            continue
+        try:
+            listed = diffids.diff_ids(config.path.read_bytes())
+        except OSError:
+            continue
+        for layer, diff_id in zip(refs[1:], listed):
+            out.setdefault(layer, []).append((digest, config.digest, diff_id))
+    return out
+
+
+def _check_diff_ids(c: _Checker, expected: dict[str, list[tuple[str, str, str]]], inflated: dict[str, str],
+                    good: dict[str, maintenance.BlobFile]) -> None:
+    store = c.store
+    names = _image_names(store, good)
+    for layer, actual in inflated.items():
+        subject = maintenance.describe(layer, maintenance.safe_labels(store, layer).get(MEDIATYPE_LABEL))
+        label = maintenance.safe_labels(store, layer).get(diffids.LABEL)
+        if label and label != actual:
+            c.found(subject, f"label {diffids.LABEL}={label!r}, but it inflates to {actual}",
+                    lambda d=layer, a=actual: store.update_labels(d, {diffids.LABEL: a}), how="labels rewritten")
+        for manifest, config, diff_id in expected.get(layer, ()):
+            if diff_id != actual and manifest in good and config in good:
+                image = f"manifest {manifest}" + (f" ({', '.join(names[manifest])})" if names.get(manifest) else "")
+                c.found(subject, diffids.mismatch("it", actual, diff_id, image), problem=False, warning=True)
+
+
+def _image_names(store: LocalStore, good: dict[str, maintenance.BlobFile]) -> dict[str, list[str]]:
+    """manifest digest -> the remembered tags whose image reaches it."""
+    out: dict[str, list[str]] = {}
+    for tag in maintenance.tag_records(store):
+        if tag.digest in good:
+            for digest in maintenance.walk(store, [tag.digest], good).reached:
+                out.setdefault(digest, []).append(tag.name)
+    return out
+
+
+def _safe_hash_both(path: Path, inflate: bool) -> tuple[str | None, str | None]:
+    """(digest or why not, uncompressed digest when ``inflate`` and the layer inflates)."""
+    if not inflate:
+        return _safe_hash(path), None
+    try:
+        fd = _open_noatime(path)
+        try:
+            return diffids.digests(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}", None
+
+
+def _open_noatime(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+    except PermissionError:  # O_NOATIME is for the owner only
+        return os.open(path, os.O_RDONLY)
 
 
 def _safe_hash(path: Path) -> str | None:
@@ -280,12 +364,14 @@ def _check_ingest(c: _Checker, ingest: maintenance.Ingest, open_files) -> None:
 def report(result: FsckResult, out=sys.stdout) -> None:
     for f in result.findings:
         tail = f" ({f.repaired})" if f.repaired else ""
-        print(f"fsck: {'' if f.problem else 'note: '}{f.subject}: {f.message}{tail}", file=out)
+        kind = "" if f.problem else "warning: " if f.warning else "note: "
+        print(f"fsck: {kind}{f.subject}: {f.message}{tail}", file=out)
     checked = (f"checked {result.blobs} blobs ({human(result.bytes)}), {result.ingests} ingests, "
                f"{result.tags} tags")
     problems = result.problems
     if not problems:
-        print(f"fsck: {checked}: clean", file=out)
+        warned = len(result.warnings)
+        print(f"fsck: {checked}: clean" + (f" ({warned} warning{'s' if warned > 1 else ''})" if warned else ""), file=out)
     elif result.repair:
         failed = [f for f in problems if not f.repaired.startswith(("removed", "labels"))]
         state = "repaired" if not failed else f"{len(problems) - len(failed)} repaired, {len(failed)} not"

@@ -10,6 +10,11 @@ On a terminal, a progress bar per blob and one for the total (rich); otherwise o
 blob — ``fetched layer-sha256:… 3.0 MiB`` or ``exists config-sha256:… 1.4 KiB`` — and a total,
 so logs and CI output stay readable.
 
+After the fetches, each layer is inflated once in a worker thread and compared with the
+``rootfs.diff_ids`` of its config (:mod:`imagefs.layers.diffids`): a mismatch is a warning line,
+not a failure. The result is kept as the blob's ``containerd.io/uncompressed`` label, so pulling
+again (or after a mount indexed the layer) inflates nothing.
+
 ``inspect`` fetches only manifests and indexes (a mount's cost: the root and the selected
 platform's manifests; ``--all-platforms`` for every one), never a config or layer. It reads what
 the cache already holds and writes nothing to it but the tag's resolution.
@@ -31,10 +36,11 @@ import trio
 
 from .content import maintenance
 from .content.local import LocalStore, default_cache_dir
-from .descriptors import Descriptor, Platform, has_children, is_index
+from .descriptors import Descriptor, Platform, has_children, is_index, is_manifest
 from .errors import ImagefsError
 from .handlers import Fetcher, dispatch, fetch
 from .image import Image, resolve_root
+from .layers import diffids
 from .reference import parse
 from .units import human
 
@@ -161,6 +167,7 @@ class PullResult:
     failed: tuple[tuple[Descriptor, str], ...]
     bytes_fetched: int
     seconds: float
+    warnings: tuple[str, ...] = ()  # layers that do not inflate to their config's diff_id
 
 
 def leaves(image: Image) -> list[Descriptor]:
@@ -213,9 +220,67 @@ async def pull(store: LocalStore, client, ref_text: str, *, platform: Platform, 
         return []
 
     await dispatch(handler, todo)
+    warnings = await check_diff_ids(store, image, str(ref))
     maintenance.touch(store, [d.digest for d in (*fetched, *existing)])
     return PullResult(str(ref), root, tuple(fetched), tuple(existing), tuple(failed),
-                      sum(fetcher.streamed.values()), time.monotonic() - started)
+                      sum(fetcher.streamed.values()), time.monotonic() - started, tuple(warnings))
+
+
+INFLATE_CONCURRENCY = 2  # layers inflated at once: CPU work, on the cores a pull shares
+
+
+async def check_diff_ids(store: LocalStore, image: Image, name: str) -> list[str]:
+    """One warning per layer of the pulled manifests that does not inflate to its config's diff_id.
+
+    A layer's uncompressed digest is its ``containerd.io/uncompressed`` label if it has one (set
+    by an earlier pull or a mount's index pass), else the committed blob is inflated once here."""
+    wanted: list[tuple[str, Descriptor, str]] = []  # (manifest ref key, layer, diff_id)
+    for key, kids in image.children.items():
+        if not is_manifest(image.descriptors[key]) or not kids or store.path(kids[0].digest) is None:
+            continue
+        listed = diffids.diff_ids(await trio.to_thread.run_sync(store.read, kids[0].digest))
+        wanted += [(key, layer, diff_id) for layer, diff_id in zip(kids[1:], listed)]
+    limiter = trio.CapacityLimiter(INFLATE_CONCURRENCY)
+    found: dict[str, str | None] = {}
+
+    async def one(layer: Descriptor) -> None:
+        label = maintenance.safe_labels(store, layer.digest).get(diffids.LABEL)
+        if label:
+            found[layer.digest] = label
+            return
+        async with limiter:
+            found[layer.digest] = await trio.to_thread.run_sync(_inflate, store, layer.digest)
+
+    async with trio.open_nursery() as nursery:
+        for layer in {layer.digest: layer for _, layer, _ in wanted if store.path(layer.digest) is not None}.values():
+            nursery.start_soon(one, layer)
+    out = []
+    for key, layer, diff_id in wanted:
+        actual = found.get(layer.digest)
+        if actual is not None and actual != diff_id:
+            out.append(diffids.mismatch(layer.ref_key, actual, diff_id, f"{name} ({key})"))
+            log.warning("%s", out[-1])
+    return out
+
+
+def _inflate(store: LocalStore, digest: str) -> str | None:
+    """The uncompressed digest of a committed layer (blocking), kept as its label."""
+    path = store.path(digest)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb", buffering=0) as f:
+            actual, uncompressed = diffids.digests(f.fileno())
+    except OSError as exc:  # evicted beside us: nothing to compare
+        log.debug("%s: not inflated for its diff_id: %s", digest, exc)
+        return None
+    if actual != digest or uncompressed is None:  # fsck's to report; nothing to compare
+        return None
+    try:
+        store.update_labels(digest, {diffids.LABEL: uncompressed})
+    except OSError as exc:
+        log.debug("could not label %s with its uncompressed digest: %s", digest, exc)
+    return uncompressed
 
 
 def run_verb(main):
@@ -246,6 +311,8 @@ def summary(result: PullResult) -> str:
             f"{result.seconds:.1f}s, {human(int(rate))}/s")
     if result.failed:
         line += f"; {len(result.failed)} FAILED"
+    if result.warnings:
+        line += f"; {len(result.warnings)} diff_id warning{'s' if len(result.warnings) > 1 else ''}"
     return line
 
 

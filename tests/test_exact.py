@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from imagefs.layers import toc
+from imagefs.content.local import LocalStore
+from imagefs.layers import diffids, toc
 from imagefs.testing import images as im
-from tests.support.mounting import Mount
+from tests.support.mounting import Mount, imagefs
 from tests.test_rootfs import unpack
 
 #: mtimes a GNU tar in POSIX format keeps to the nanosecond (its PAX records drop trailing zeros)
@@ -115,3 +116,83 @@ def test_dot_and_dotdot_are_listed(registry, ns_image, mnt, cache_dir):
             assert inode_of(place, "..") == os.lstat(parent).st_ino, place
         assert len(ls_a(m.path("rootfs", "many"))) == MANY + 2
         assert os.lstat(m.mountpoint).st_ino == 1
+
+
+# -- diff_ids ---------------------------------------------------------------------------------------
+
+WRONG = im.digest_of(b"not this layer's tar")
+
+
+@pytest.fixture(scope="module")
+def diff_images(registry):
+    """The same three layers (gzip, zstd, plain tar) under a right config and under one whose
+    diff_ids are wrong for the first two."""
+    gz = im.tar_layer({"etc/gz": b"gzip layer\n"})
+    zs = im.tar_layer({"etc/zs": b"zstd layer\n"}, compression="zstd")
+    plain = im.tar_layer({"etc/plain": b"plain layer\n"}, compression="none")
+    layers = [gz, zs, plain]
+    right = im.image(layers)
+    wrong = im.image(layers, config_extra={"rootfs": {"type": "layers", "diff_ids": [WRONG, WRONG, im.diff_id(plain)]}})
+    im.push(registry.host, "exact/diffid", right, "right")
+    im.push(registry.host, "exact/diffid", wrong, "wrong")
+    return right, wrong
+
+
+def warnings_in(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "inflates to" in line]
+
+
+def assert_names_both(lines: list[str], img: im.Image, *, image: str) -> None:
+    """One warning for each of the two wrong layers, naming it, what it inflates to, the diff_id
+    listed and the image."""
+    assert len(lines) == 2, lines
+    for layer in img.layers[:2]:
+        line = next(ln for ln in lines if f"layer-{layer.digest}" in ln)
+        assert im.diff_id(layer) in line and WRONG in line and image in line and "WARNING" in line.upper(), line
+
+
+def test_a_wrong_diff_id_is_a_warning_in_the_mount_log(registry, diff_images, tmp_path):
+    _, wrong = diff_images
+    for n in (1, 2):  # the index pass inflates the layers; the second mount loads their indexes
+        with Mount(f"{registry.host}/exact/diffid:wrong", tmp_path / f"w{n}", tmp_path / "cw") as m:
+            assert sorted(os.listdir(m.path("rootfs/etc"))) == ["gz", "plain", "zs"], "a warning, not a refusal"
+            assert m.path("rootfs/etc/zs").read_bytes() == b"zstd layer\n"
+        assert_names_both(warnings_in(m.log_text()), wrong, image=f"manifest-{wrong.digest}")
+        assert ("indexed layer-" in m.log_text()) == (n == 1)
+    with Mount(f"{registry.host}/exact/diffid:right", tmp_path / "r", tmp_path / "cr") as m:
+        assert sorted(os.listdir(m.path("rootfs/etc"))) == ["gz", "plain", "zs"]
+    assert "indexed layer-" in m.log_text() and warnings_in(m.log_text()) == []
+
+
+def test_a_wrong_diff_id_is_a_warning_of_pull_and_fsck(registry, diff_images, tmp_path):
+    _, wrong = diff_images
+    ref = f"{registry.host}/exact/diffid:wrong"
+    for n in (1, 2):  # inflated the first time; the second reads the label the first one left
+        done = imagefs("pull", ref, "--cache-dir", tmp_path / "cw", check=True)
+        assert_names_both(warnings_in(done.stderr), wrong, image=ref)
+        assert done.stdout.splitlines()[-1].endswith("; 2 diff_id warnings") and warnings_in(done.stdout) == []
+    checked = imagefs("fsck", "--cache-dir", tmp_path / "cw")
+    assert checked.returncode == 0, checked.stdout  # a warning: the cache holds what the registry does
+    lines = warnings_in(checked.stdout)
+    assert all(line.startswith("fsck: warning: layer-sha256:") for line in lines)
+    assert_names_both(lines, wrong, image=f"manifest {wrong.digest} ({ref})")
+    assert checked.stdout.splitlines()[-1].endswith(": clean (2 warnings)")
+
+    done = imagefs("pull", f"{registry.host}/exact/diffid:right", "--cache-dir", tmp_path / "cr", check=True)
+    assert warnings_in(done.stdout + done.stderr) == [] and done.stderr == ""
+    checked = imagefs("fsck", "--cache-dir", tmp_path / "cr")
+    assert checked.returncode == 0 and "warning" not in checked.stdout and checked.stdout.endswith(": clean\n")
+
+
+def test_fsck_finds_an_uncompressed_label_that_lies_and_rewrites_it(registry, diff_images, tmp_path):
+    right, _ = diff_images
+    cache = tmp_path / "c"
+    imagefs("pull", f"{registry.host}/exact/diffid:right", "--cache-dir", cache, check=True)
+    store, gz = LocalStore(cache), right.layers[0]
+    assert store.labels(gz.digest)[diffids.LABEL] == im.diff_id(gz), "pull labels what it inflated"
+    store.update_labels(gz.digest, {diffids.LABEL: WRONG})
+    done = imagefs("fsck", "--cache-dir", cache)
+    assert done.returncode == 1 and f"label {diffids.LABEL}='{WRONG}', but it inflates to {im.diff_id(gz)}" in done.stdout
+    assert imagefs("fsck", "--repair", "--cache-dir", cache).returncode == 1
+    assert store.labels(gz.digest)[diffids.LABEL] == im.diff_id(gz)
+    assert imagefs("fsck", "--cache-dir", cache).returncode == 0

@@ -16,6 +16,7 @@ import trio
 
 from ..descriptors import Descriptor
 from ..handlers import dispatch
+from ..image import Image
 from ..layers.entries import DIR, SYMLINK
 from ..layers.merge import Merged, merge
 from ..layers.service import Layers
@@ -36,11 +37,12 @@ class View:
     links: dict[tuple[int, int], "Node"] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
-    async def load(self, layers: Layers) -> Merged:
+    async def load(self, layers: Layers, image: Image) -> Merged:
         if self.merged is None:
 
             async def build(desc: Descriptor) -> list[Descriptor]:
                 await layers.index(desc)
+                await layers.check_diff_id(image, desc)  # a warning at most: the listing goes on
                 return []
 
             # the first failing layer is the error a reader gets, not a group of them
@@ -60,7 +62,7 @@ async def populate(tree: "Tree", node: "Node") -> None:
     async with view.lock:
         if not node.pending:
             return
-        merged = await view.load(tree.layers)
+        merged = await view.load(tree.layers, tree.image)
         kids = node.kids = []
         for path, item in merged.take(node.path):
             child = view.links.get(item.key) if item.key is not None else None

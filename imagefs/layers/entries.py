@@ -34,6 +34,15 @@ _S_IFMT = {HARDLINK: stat.S_IFREG, FILE: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLIN
 PLAIN, GZIP, ZSTD = "tar", "gzip", "zstd"
 
 
+def sniff(head: bytes) -> str:
+    """What a layer's bytes are, from their magic: docker trusts this over the media type."""
+    if head[:2] == b"\x1f\x8b":
+        return GZIP
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return ZSTD
+    return PLAIN
+
+
 # Most members have no xattrs: they all share this one (read-only) mapping instead of a dict each.
 NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
@@ -88,6 +97,7 @@ class LayerIndex:
     spans: list[tuple[int, str]] = field(default_factory=list)  # gzip: (start in the blob, sha256 hex) of each span
     zran: bytes = b""  # gzip: the exported inflate checkpoints
     skipped: int = 0  # members refused (escaping names, dangling hard links)
+    uncompressed: str = ""  # "sha256:…" of the whole uncompressed stream, when a scan inflated it (diff_ids)
 
 
 def index_path(root: Path, digest: str) -> Path:
@@ -110,7 +120,7 @@ def save(root: Path, index: LayerIndex) -> Path:
     head = {
         "version": VERSION, "digest": index.digest, "compression": index.compression, "tar_size": index.tar_size,
         "entries": len(index.entries), "skipped": index.skipped, "spans": index.spans,
-        "zran": base64.b64encode(index.zran).decode(),
+        "zran": base64.b64encode(index.zran).decode(), "uncompressed": index.uncompressed,
     }
     es = index.entries
     columns: dict[str, object] = {name: [getattr(e, name) for e in es] for name in _COLUMNS}
@@ -149,4 +159,4 @@ def load(root: Path, digest: str) -> LayerIndex | None:
     if len(entries) != head["entries"]:
         return None
     return LayerIndex(digest, head["compression"], entries, head["tar_size"], [tuple(s) for s in head["spans"]],
-                      base64.b64decode(head["zran"]), head.get("skipped", 0))
+                      base64.b64decode(head["zran"]), head.get("skipped", 0), head.get("uncompressed", ""))

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import trio
 
 from ..content.pieces import Pieces
-from ..descriptors import Descriptor
-from ..errors import InvalidLayer, RegistryError
+from ..descriptors import Descriptor, is_manifest
+from ..errors import ImagefsError, InvalidLayer, RegistryError
 from ..reader import BlobReader
-from . import entries, lazy, tarindex, zran
-from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex
+from . import diffids, entries, lazy, tarindex, zran
+from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex, sniff
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,6 @@ class LayerStatistics:
     span_bytes_fetched: int = 0
     spans_kept: int = 0  # verified spans read back from CACHE/pieces instead of the registry
     toc: lazy.TocStatistics = field(default_factory=lazy.TocStatistics)  # eStargz / zstd:chunked
-
-
-def sniff(head: bytes) -> str:
-    """What a layer's bytes are, from their magic: docker trusts this over the media type."""
-    if head[:2] == b"\x1f\x8b":
-        return GZIP
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return ZSTD
-    return PLAIN
 
 
 class _Counting(io.RawIOBase):
@@ -105,22 +96,27 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
                 f.seek(0)
                 raw.consumed = 0
                 with gzip.GzipFile(fileobj=io.BufferedReader(raw, 1 << 20)) as gz:
-                    found, tar_size, skipped = tarindex.scan(gz, label, lambda: raw.consumed)
+                    tar = diffids.Hashing(gz)  # the diff_id, from this pass's bytes
+                    found, tar_size, skipped = tarindex.scan(tar, label, lambda: raw.consumed)
+                    uncompressed = tar.finish()
             except (OSError, EOFError, ValueError, zlib.error, zran.ZranError) as exc:
                 raise InvalidLayer(f"{label}: not a gzip'd tar: {exc}") from exc
         elif compression == ZSTD:
             import zstandard
 
             try:
-                with zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20) as z:
-                    found, tar_size, skipped = tarindex.scan(z, label, lambda: raw.consumed)
+                with zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True) as z:
+                    tar = diffids.Hashing(z)
+                    found, tar_size, skipped = tarindex.scan(tar, label, lambda: raw.consumed)
+                    uncompressed = tar.finish()
             except zstandard.ZstdError as exc:
                 raise InvalidLayer(f"{label}: not a zstd'd tar: {exc}") from exc
         else:
             found, tar_size, skipped = tarindex.scan(io.BufferedReader(raw, 1 << 20), label, lambda: raw.consumed)
+            uncompressed = desc.digest  # verified: a plain tar is its own uncompressed stream
     log.info("indexed %s: %d entries (%d skipped), %s, %.0f MiB uncompressed, %d spans, in %.2f s",
              label, len(found), skipped, compression, tar_size / 2**20, len(spans), time.monotonic() - start)
-    return LayerIndex(desc.digest, compression, found, tar_size, spans, zran_state, skipped)
+    return LayerIndex(desc.digest, compression, found, tar_size, spans, zran_state, skipped, uncompressed or "")
 
 
 class Layers:
@@ -135,6 +131,8 @@ class Layers:
         self._zstd: dict[str, _ZstdCursor] = {}
         self.stats = LayerStatistics()
         self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.stats.toc, reader.nursery)
+        self._inflated: set[str] = set()  # layers this process inflated whole: worth a config fetch to check
+        self._checked: set[str] = set()
 
     def cached(self, desc: Descriptor) -> LayerIndex | None:
         return self._indexes.get(desc.digest)
@@ -172,8 +170,49 @@ class Layers:
         path = self.reader.store.path(desc.digest)
         built = await trio.to_thread.run_sync(build, str(path), desc)
         await trio.to_thread.run_sync(entries.save, self.root, built)
+        if built.uncompressed:
+            self._inflated.add(desc.digest)
+            await trio.to_thread.run_sync(self._label, desc.digest, built.uncompressed)
         self.stats.built += 1
         return built
+
+    def _label(self, digest: str, uncompressed: str) -> None:
+        """Tell later pulls what the layer inflates to (containerd's label), so they need not inflate it."""
+        try:
+            self.reader.store.update_labels(digest, {diffids.LABEL: uncompressed})
+        except OSError as exc:
+            log.debug("could not label %s with its uncompressed digest: %s", digest, exc)
+
+    async def check_diff_id(self, image, desc: Descriptor) -> None:
+        """Warn, once a mount, when a layer whose tar was scanned (its index knows the digest of
+        that stream) is not what the ``rootfs.diff_ids`` of a config listing it says.
+
+        The config is fetched for a layer inflated by this process (the whole blob came anyway);
+        for an index loaded from the cache, only a config already cached is read: a mount that
+        needs no registry must not start needing one."""
+        index = self._indexes.get(desc.digest)
+        if index is None or not index.uncompressed or desc.digest in self._checked:
+            return
+        self._checked.add(desc.digest)
+        root = image.root
+        for manifest, kids in list(image.children.items()):
+            positions = [i for i, kid in enumerate(kids[1:]) if kid.digest == desc.digest]
+            if not positions or not is_manifest(image.descriptors[manifest]):
+                continue
+            config = kids[0]
+            try:
+                if desc.digest in self._inflated:
+                    await image.ensure(config)
+                elif self.reader.store.path(config.digest) is None:
+                    continue
+                listed = diffids.diff_ids(await trio.to_thread.run_sync(self.reader.store.read, config.digest))
+            except (ImagefsError, OSError) as exc:
+                log.info("%s: config %s not read, so its diff_id is not checked: %s", desc.ref_key, config.digest, exc)
+                continue
+            for i in positions:
+                if i < len(listed) and listed[i] != index.uncompressed:
+                    named = manifest if manifest == root.ref_key else f"{manifest} (in {root.ref_key})"
+                    log.warning("%s", diffids.mismatch(desc.ref_key, index.uncompressed, listed[i], named))
 
     async def _complete(self, desc: Descriptor) -> None:
         """Make the blob committed (fetched whole, digest checked)."""
