@@ -171,3 +171,19 @@ def test_gzip_spans_are_verified(tmp_path):
     ra = zran.RandomAccess(zran.SpanFile(blob.size, idx.spans, lambda s, e: (bytes(bad[s:e]), False), "t"), idx.zran)
     with pytest.raises(DigestMismatch):
         ra.pread(off, 4096)
+
+
+def test_pax_mtimes_are_integer_ns_and_an_older_index_version_is_replaced(tmp_path):
+    members = [M("f", b"f", pax={"mtime": "1700000000.17235313"}), M("w", b"w"), M("n", b"n", pax={"mtime": "-1.5"})]
+    blob = layer(members)
+    hex_ = blob.digest.partition(":")[2]
+    old = tmp_path / "cache" / "indexes" / "sha256" / f"{hex_}.v2"  # float seconds: never to be read
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"an index of an older imagefs")
+    idx = build(tmp_path, blob)
+    assert {e.path: e.mtime for e in idx.entries} == {"f": 1700000000_172353130, "w": im.EPOCH * 10**9, "n": -1_500000000}
+    assert idx.uncompressed == im.diff_id(blob)
+    entries.save(tmp_path / "cache", idx)
+    assert not old.exists()
+    again = entries.load(tmp_path / "cache", blob.digest)
+    assert again == idx and all(type(e.mtime) is int for e in again.entries)

@@ -132,6 +132,8 @@ def save(root: Path, index: LayerIndex) -> Path:
         out.write(json.dumps(head) + "\n")
         out.write(json.dumps(columns, separators=(",", ":")) + "\n")
     os.replace(tmp, path)
+    for old in range(1, VERSION):  # what an older imagefs wrote for this layer: never read again
+        path.with_name(f"{path.stem}.v{old}").unlink(missing_ok=True)
     return path
 
 
