@@ -196,3 +196,23 @@ def test_fsck_finds_an_uncompressed_label_that_lies_and_rewrites_it(registry, di
     assert imagefs("fsck", "--repair", "--cache-dir", cache).returncode == 1
     assert store.labels(gz.digest)[diffids.LABEL] == im.diff_id(gz)
     assert imagefs("fsck", "--cache-dir", cache).returncode == 0
+
+
+def test_skopeos_zstd_chunked_layer_is_reported_by_pull(registry, tmp_path):
+    """skopeo 1.9.3's zstd:chunked tar lacks the original's trailing padding, yet its config keeps
+    the original diff_id: a real producer's wrong diff_id, found by pull (which inflates it)."""
+    src = im.image([im.tar_layer({"etc/a": b"a" * 100_000, "etc/b": im.random_bytes(300_000, 5)})])
+    im.push(registry.host, "exact/zc-src", src, "v1")
+    subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/exact/zc-src:v1",
+                    f"docker://{registry.host}/exact/zc:v1"], check=True, capture_output=True, timeout=60)
+    ref = f"{registry.host}/exact/zc:v1"
+    done = imagefs("pull", ref, "--cache-dir", tmp_path / "c", check=True)
+    [line] = warnings_in(done.stderr)
+    assert im.diff_id(src.layers[0]) in line and ref in line and "WARNING" in line
+    store = LocalStore(tmp_path / "c")
+    manifest = json.loads(store.read(line.split(" (manifest-")[1].split(")")[0]))
+    layer = manifest["layers"][0]
+    inflated = im.digest_of(im.uncompressed(store.read(layer["digest"])))  # inflated by other code
+    assert f"layer-{layer['digest']} inflates to {inflated}," in line and layer["mediaType"].endswith("+zstd")
+    assert inflated != im.diff_id(src.layers[0])
