@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import pytest
@@ -146,6 +148,35 @@ def test_from_the_cache_with_the_source_registry_stopped(tmp_path, dest, dest_pr
         assert has_blob(dest.host, "cached/bydigest", blob.digest) or blob.digest == img.digest
 
 
+def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, dest, dest_proxy, cache_dir):
+    """Every PATCH waits a little at the proxy; once one chunk has landed, the next is refused by a
+    502. The copy carries on from the offset the registry reports: no byte reaches it twice."""
+    big = im.random_layer(40 << 20, seed=57, compression="none")
+    img = im.image([big])
+    im.push(registry.host, "test/big", img, "v1")
+    dest_proxy.delay(r"/blobs/uploads/", 0.2, method="PATCH")
+    cut: list = []
+
+    def cut_after_first_chunk() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not cut:
+            if any(h.method == "PATCH" and h.status == 202 for h in dest_proxy.hits):
+                cut.append(dest_proxy.respond(r"/blobs/uploads/", 502, b"cut", method="PATCH", times=1))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=cut_after_first_chunk, daemon=True)
+    watcher.start()
+    done = ok(copy(f"{proxy.host}/test/big:v1", f"{dest_proxy.host}/resumed/big:v1", cache_dir=cache_dir))
+    watcher.join()
+    assert cut and cut[0].applied == 1, "the upload was cut once"
+    assert done.stdout.splitlines()[-1] == img.digest
+    got = httpx.get(f"http://{dest.host}/v2/resumed/big/blobs/{big.digest}")
+    assert hashlib.sha256(got.content).hexdigest() == big.digest[7:]
+    landed = sum(int(h.request_headers.get("content-length") or 0) for h in dest_proxy.hits
+                 if h.method in ("PATCH", "PUT") and "/blobs/uploads/" in h.path and h.fault is None)
+    assert landed - big.size in (0, img.config.size), "resumed where it stopped, not from the start"
+
+
 def test_a_corrupt_source_blob_fails_and_leaves_no_tag(proxy, images, dest, dest_proxy, cache_dir):
     layer = images.shared
     proxy.corrupt(layer.digest, offset=len(layer.data) // 2)
@@ -251,3 +282,17 @@ def test_bad_input_is_one_line_and_exit_1(proxy, cache_dir, dest_proxy, tmp_path
     assert "127.0.0.1" in line
     line = one_error_line(copy(f"{proxy.host}/test/single:v1", "oci:", cache_dir=cache_dir))
     assert "oci:" in line
+
+
+def test_a_dest_that_keeps_answering_5xx_is_retried_then_one_line_and_a_rerun_finishes(proxy, images, dest, dest_proxy,
+                                                                                      cache_dir):
+    refusing = dest_proxy.respond(r"/blobs/uploads/", 503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}',
+                                  {"Content-Type": "application/json"}, method="POST")
+    line = one_error_line(copy(f"{proxy.host}/test/single:v1", f"{dest_proxy.host}/flaky/single:v1", cache_dir=cache_dir,
+                               timeout=240))
+    assert "503" in line
+    assert refusing.applied > 1, "retried before giving up"
+    assert manifest(dest.host, "flaky/single", "v1").status_code == 404
+    refusing.clear()
+    ok(copy(f"{proxy.host}/test/single:v1", f"{dest_proxy.host}/flaky/single:v1", cache_dir=cache_dir))
+    assert manifest(dest.host, "flaky/single", "v1").content == images.single.manifest.data
