@@ -10,8 +10,8 @@ On a terminal, a progress bar per blob and one for the total (rich); otherwise o
 blob — ``fetched layer-sha256:… 3.0 MiB`` or ``exists config-sha256:… 1.4 KiB`` — and a total,
 so logs and CI output stay readable.
 
-After the fetches, each layer is inflated once in a worker thread and compared with the
-``rootfs.diff_ids`` of its config (:mod:`imagefs.layers.diffids`): a mismatch is a warning line,
+Each layer is inflated once in a worker thread (as soon as it is committed, so inflating overlaps
+the fetches still running) and compared with the ``rootfs.diff_ids`` of its config (:mod:`imagefs.layers.diffids`): a mismatch is a warning line,
 not a failure. The result is kept as the blob's ``containerd.io/uncompressed`` label, so pulling
 again (or after a mount indexed the layer) inflates nothing.
 
@@ -36,7 +36,7 @@ import trio
 
 from .content import maintenance
 from .content.local import LocalStore, default_cache_dir
-from .descriptors import Descriptor, Platform, has_children, is_index, is_manifest
+from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
 from .errors import ImagefsError
 from .handlers import Fetcher, dispatch, fetch
 from .image import Image, resolve_root
@@ -209,18 +209,23 @@ async def pull(store: LocalStore, client, ref_text: str, *, platform: Platform, 
     for desc in todo:
         progress.planned(desc)
 
-    async def handler(desc: Descriptor) -> list[Descriptor]:
-        try:
-            await fetch(store, fetcher, desc, root=desc.digest == root.digest)
-        except (ImagefsError, OSError) as exc:
-            failed.append((desc, one_line(exc)))
-            progress.done(desc, "failed")
-        else:
-            finish(desc)
-        return []
+    uncompressed = Uncompressed(store)
+    async with trio.open_nursery() as inflating:  # each layer inflates while the others still arrive
 
-    await dispatch(handler, todo)
-    warnings = await check_diff_ids(store, image, str(ref))
+        async def handler(desc: Descriptor) -> list[Descriptor]:
+            try:
+                await fetch(store, fetcher, desc, root=desc.digest == root.digest)
+            except (ImagefsError, OSError) as exc:
+                failed.append((desc, one_line(exc)))
+                progress.done(desc, "failed")
+            else:
+                finish(desc)
+                if desc.media_type in LAYER_TYPES:
+                    inflating.start_soon(uncompressed.find, desc)
+            return []
+
+        await dispatch(handler, todo)
+    warnings = await check_diff_ids(store, image, str(ref), uncompressed)
     maintenance.touch(store, [d.digest for d in (*fetched, *existing)])
     return PullResult(str(ref), root, tuple(fetched), tuple(existing), tuple(failed),
                       sum(fetcher.streamed.values()), time.monotonic() - started, tuple(warnings))
@@ -229,34 +234,44 @@ async def pull(store: LocalStore, client, ref_text: str, *, platform: Platform, 
 INFLATE_CONCURRENCY = 2  # layers inflated at once: CPU work, on the cores a pull shares
 
 
-async def check_diff_ids(store: LocalStore, image: Image, name: str) -> list[str]:
-    """One warning per layer of the pulled manifests that does not inflate to its config's diff_id.
+class Uncompressed:
+    """What each layer inflates to: its ``containerd.io/uncompressed`` label if it has one (set by
+    an earlier pull or a mount's index pass), else one inflate of the committed blob in a worker
+    thread, whose result becomes that label."""
 
-    A layer's uncompressed digest is its ``containerd.io/uncompressed`` label if it has one (set
-    by an earlier pull or a mount's index pass), else the committed blob is inflated once here."""
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self.found: dict[str, str | None] = {}  # None: not a layer that inflates (or gone)
+        self._started: set[str] = set()
+        self._limiter = trio.CapacityLimiter(INFLATE_CONCURRENCY)
+
+    async def find(self, layer: Descriptor) -> None:
+        if layer.digest in self._started:
+            return
+        self._started.add(layer.digest)
+        label = maintenance.safe_labels(self.store, layer.digest).get(diffids.LABEL)
+        if label:
+            self.found[layer.digest] = label
+            return
+        async with self._limiter:
+            self.found[layer.digest] = await trio.to_thread.run_sync(_inflate, self.store, layer.digest)
+
+
+async def check_diff_ids(store: LocalStore, image: Image, name: str, uncompressed: Uncompressed) -> list[str]:
+    """One warning per layer of the pulled manifests that does not inflate to its config's diff_id."""
     wanted: list[tuple[str, Descriptor, str]] = []  # (manifest ref key, layer, diff_id)
     for key, kids in image.children.items():
         if not is_manifest(image.descriptors[key]) or not kids or store.path(kids[0].digest) is None:
             continue
         listed = diffids.diff_ids(await trio.to_thread.run_sync(store.read, kids[0].digest))
         wanted += [(key, layer, diff_id) for layer, diff_id in zip(kids[1:], listed)]
-    limiter = trio.CapacityLimiter(INFLATE_CONCURRENCY)
-    found: dict[str, str | None] = {}
-
-    async def one(layer: Descriptor) -> None:
-        label = maintenance.safe_labels(store, layer.digest).get(diffids.LABEL)
-        if label:
-            found[layer.digest] = label
-            return
-        async with limiter:
-            found[layer.digest] = await trio.to_thread.run_sync(_inflate, store, layer.digest)
-
-    async with trio.open_nursery() as nursery:
-        for layer in {layer.digest: layer for _, layer, _ in wanted if store.path(layer.digest) is not None}.values():
-            nursery.start_soon(one, layer)
+    async with trio.open_nursery() as nursery:  # layers that were cached already
+        for _, layer, _ in wanted:
+            if store.path(layer.digest) is not None:
+                nursery.start_soon(uncompressed.find, layer)
     out = []
     for key, layer, diff_id in wanted:
-        actual = found.get(layer.digest)
+        actual = uncompressed.found.get(layer.digest)
         if actual is not None and actual != diff_id:
             out.append(diffids.mismatch(layer.ref_key, actual, diff_id, f"{name} ({key})"))
             log.warning("%s", out[-1])
