@@ -99,6 +99,7 @@ def test_a_multi_platform_index_is_copied_byte_identical(proxy, images, dest, de
                             capture_output=True, text=True, timeout=120)
     assert skopeo.returncode == 0, skopeo.stderr
 
+    dest_proxy.reset()
     again = ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/copy/oci:v1", cache_dir=tmp_path / "fresh"))
     assert "uploaded 0 (0 B)" in again.stdout
     assert uploads(dest_proxy) == [], "a second copy uploads nothing"
@@ -144,8 +145,10 @@ def test_from_the_cache_with_the_source_registry_stopped(tmp_path, dest, dest_pr
                             cache_dir=cache_dir))
         assert by_digest.stdout.splitlines()[-1] == img.digest
     assert manifest(dest.host, "cached/app", "v1").content == img.index.data
-    for blob in img.blobs.values():
-        assert has_blob(dest.host, "cached/bydigest", blob.digest) or blob.digest == img.digest
+    for child in img.children:
+        assert manifest(dest.host, "cached/bydigest", child.digest).content == child.manifest.data
+        for blob in (child.config, *child.layers):
+            assert has_blob(dest.host, "cached/bydigest", blob.digest)
 
 
 def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, dest, dest_proxy, cache_dir):

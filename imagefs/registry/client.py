@@ -60,7 +60,7 @@ from .direct import DirectClient
 from .hosts import LOOPBACK_HOSTS, Endpoint, endpoints, uses_plain_http
 from .retry import FALLBACK_ATTEMPTS, FETCH, RESOLVE, RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
 
-__all__ = ["RegistryClient", "uses_plain_http", "LOOPBACK_HOSTS"]
+__all__ = ["RegistryClient", "uses_plain_http", "LOOPBACK_HOSTS", "error_detail"]
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ class RegistryClient:
 
     def _raise_for(self, resp: httpx.Response, what: str, *, host: str | None = None) -> None:
         code = resp.status_code
-        detail = _error_detail(resp)
+        detail = error_detail(resp)
         if code == 404:
             raise NotFound(f"{self.ref.name}: {what} not found{detail}")
         if code in (401, 403):
@@ -445,7 +445,7 @@ def _log_rate_limit(host: _Host, resp: httpx.Response) -> None:
         log.debug("%s: rate limit: ratelimit-remaining %s, ratelimit-limit %s", host.label, remaining or "?", limit or "?")
 
 
-def _error_detail(resp: httpx.Response) -> str:
+def error_detail(resp: httpx.Response) -> str:
     """The registry's own error message (``{"errors":[{"code","message"}]}``), briefly."""
     try:
         errors = resp.json().get("errors") or []
