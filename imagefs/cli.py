@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detach now even if a program still uses the mount (it goes away when they finish)")
     _cache_verbs(sub)
     _copy_verbs(sub)
+    _run_verb(sub)
     return parser
 
 
@@ -229,6 +230,31 @@ def _copy_verbs(sub) -> None:
     r.add_argument("refs", metavar="REF", nargs="+", help="image reference (tag or digest), as it was mounted or pulled")
     _cache_dir_arg(r)
     r.set_defaults(run=_lazy("imagefs.rm", "run"))
+
+
+def _run_verb(sub) -> None:
+    """run: an image's program in its rootfs, under bubblewrap, on a private mount."""
+    r = sub.add_parser("run", help="run an image's Entrypoint + Cmd (or CMD) in its rootfs, fetching only what it reads",
+                       description="Mount REF privately, run its Entrypoint + Cmd (CMD after -- replaces Cmd) in rootfs/ "
+                       "under bubblewrap with the config's Env, WorkingDir and User, /proc, a minimal /dev, a tmpfs /tmp and "
+                       "this machine's /etc/resolv.conf and /etc/hosts; unmount when it ends. The image is read-only unless "
+                       "--writable. Signals reach the program; the exit status is its own, or 128+N for signal N.")
+    r.add_argument("ref", metavar="REF", help="image reference, e.g. debian, ghcr.io/org/img:tag, name@sha256:…")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="run this instead of the image's Cmd")
+    r.add_argument("--entrypoint", metavar="PROGRAM", help="replace the image's Entrypoint ('' for none); Cmd is dropped too")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE", help="set an environment variable (NAME alone: its value here); repeatable")
+    r.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:PATH[:ro]", help="bind a host path into the sandbox; repeatable")
+    r.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside (default: the config's WorkingDir, else /)")
+    r.add_argument("--writable", action="store_true", help="a tmpfs overlay above the image: writes anywhere, all gone at exit")
+    r.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
+                   help=f"platform to select from an index (default: this machine's, {Platform.host()})")
+    r.add_argument("--strict", action="store_true", help="serve no byte of a blob before the whole blob is verified")
+    r.add_argument("--prefetch", action="store_true", help="fetch the image's layers completely in the background")
+    r.add_argument("--no-passthrough", action="store_true", help="serve every read through the mount (no FUSE passthrough)")
+    _registry_args(r)
+    r.add_argument("--debug", action="store_true", help="log every request and FUSE operation (to the mount's log)")
+    _cache_dir_arg(r)
+    r.set_defaults(run=_registry_verb(_lazy("imagefs.run", "run")))
 
 
 def _registry_verb(run):

@@ -14,7 +14,8 @@
     ├── InvalidManifest       JSON we cannot use                   -> EIO
     │   └── UnsupportedMediaType  e.g. Docker schema1
     ├── InvalidLayer          a layer that is not a tar we can read -> EIO
-    └── PlatformNotFound      --platform names none of the index's -> ENOENT
+    ├── PlatformNotFound      --platform names none of the index's -> ENOENT
+    └── RunError              `imagefs run` cannot start the program (no command, foreign platform, no bwrap)
 
 Lower layers raise the most specific class with ``raise … from exc``; only
 :mod:`imagefs.fs.operations` turns them into ``pyfuse3.FUSEError``.
@@ -77,3 +78,7 @@ class InvalidLayer(ImagefsError):
 
 class PlatformNotFound(ImagefsError):
     errno = errno.ENOENT
+
+
+class RunError(ImagefsError):
+    errno = errno.ENOEXEC
