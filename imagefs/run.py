@@ -46,6 +46,7 @@ def run(args) -> int:
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
     _sweep_stale()
     work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
+    work.chmod(0o711)  # a config's User (not root) must reach the sandbox root below it; nothing here is listed
     mount = None
     try:
         (work / "mnt").mkdir()
