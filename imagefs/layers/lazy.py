@@ -58,12 +58,22 @@ class TocStatistics:
     refused: int = 0
 
 
-def expected(desc: Descriptor) -> tuple[str, str] | None:
-    """(format, annotated checksum) when the descriptor says its layer has a verifiable TOC."""
+def expected(desc: Descriptor) -> tuple[str, str | None] | None:
+    """(format, annotated checksum) when the descriptor says its layer has a verifiable TOC.
+
+    The layer's compression chooses the format, not which annotation is present: stargz-snapshotter's
+    zstd:chunked converter writes the eStargz ``toc.digest`` *and* zstd:chunked's
+    ``manifest-checksum`` on one zstd layer. A zstd layer is read as zstd:chunked and checked against
+    whichever of the two it carries (:meth:`TocLayers._zstd`); the checksum is None when it has only
+    ``toc.digest`` (the sha256 of the uncompressed TOC JSON, checked once it is inflated).
+    """
     ann = dict(desc.annotations)
-    if ann.get(estargz.ANNOTATION):
-        return ESTARGZ, ann[estargz.ANNOTATION]
+    stargz = ann.get(estargz.ANNOTATION)
     checksum = zstdchunked.annotation(ann, "manifest-checksum")
+    if desc.media_type.endswith("zstd"):
+        return (ZSTD_CHUNKED, checksum) if checksum or stargz else None
+    if stargz:
+        return ESTARGZ, stargz
     if checksum:
         return ZSTD_CHUNKED, checksum
     return None
@@ -95,7 +105,7 @@ class TocLayers:
         if saved is None:
             return None
         want = expected(desc)
-        if want is not None and (want[0] != saved.fmt or want[1] != saved.checksum):
+        if want is not None and (want[0] != saved.fmt or want[1] not in (None, saved.checksum)):
             log.warning("%s: the cached TOC does not match the layer's annotation: checking the registry's",
                         desc.ref_key)
             return None
@@ -169,6 +179,10 @@ class TocLayers:
         digest = "sha256:" + await trio.to_thread.run_sync(lambda: hashlib.sha256(compressed).hexdigest())
         self._check(desc, "zstd:chunked TOC", digest, checksum, "manifest-checksum")
         raw = await trio.to_thread.run_sync(zstdchunked.read_toc, compressed, ulen, label)
+        json_digest = dict(desc.annotations).get(estargz.ANNOTATION)
+        if json_digest is not None:  # stargz's converter: the uncompressed TOC's digest, beside the checksum
+            got = "sha256:" + await trio.to_thread.run_sync(lambda: hashlib.sha256(raw).hexdigest())
+            self._check(desc, "zstd:chunked TOC JSON", got, json_digest, estargz.ANNOTATION)
         return Saved(ZSTD_CHUNKED, raw, checksum or digest, offset - 8)
 
     def _check(self, desc: Descriptor, what: str, got: str, want: str | None, annotation: str) -> None:

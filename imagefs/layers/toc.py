@@ -305,7 +305,7 @@ def _add_chunk(b: _Builder, serial: int, row: dict) -> None:
 
 
 def _finish(b: _Builder, data_end: int) -> None:
-    """Check every file is covered, and end each stream where the next one starts (eStargz)."""
+    """Check every file is covered, and end each stream where the next one starts."""
     t = b.table
     for serial, size in enumerate(b.sizes):
         lo, hi = t.first[serial], t.first[serial + 1]
@@ -317,9 +317,11 @@ def _finish(b: _Builder, data_end: int) -> None:
         if i in t.zeros or i == b.outside:
             continue
         begin, end = t.begin[i], t.end[i]
-        if not end:
-            j = bisect.bisect_right(starts, begin)
-            end = t.end[i] = starts[j] if j < len(starts) else data_end
+        # A chunk ends where the next stream begins, as containers/storage reads it: its writer puts
+        # the *whole file's* end in a multi-chunk file's first row. A smaller recorded end stands.
+        j = bisect.bisect_right(starts, begin)
+        following = starts[j] if j < len(starts) else data_end
+        end = t.end[i] = min(end, following) if end else following
         if not (0 <= begin < end <= data_end and end - begin <= MAX_EXTENT):
             raise InvalidLayer(f"{b.label}: a TOC chunk points outside the layer's data ({begin}-{end})")
 
