@@ -4,14 +4,13 @@ real mounts, bubblewrap, real programs; what is left behind is read from /proc."
 from __future__ import annotations
 
 import fcntl
-import json
+import io
 import os
 import pty
 import signal
 import subprocess
-import sys
 import tarfile
-import io
+import termios
 import time
 from pathlib import Path
 
@@ -143,7 +142,7 @@ def test_terminal_and_ctrl_c(rimages, cache_dir):
 
     def controlling_tty() -> None:
         os.setsid()
-        fcntl.ioctl(0, __import__("termios").TIOCSCTTY, 0)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     script = "test -t 0 && test -t 1 && echo tty; trap 'echo interrupted; exit 5' INT; while :; do sleep 0.1; done"
     proc = subprocess.Popen([*IMAGEFS, "run", "--cache-dir", str(cache_dir), rimages.ref("run/plain"), "--", "sh", "-c", script],
@@ -249,7 +248,6 @@ def one_line(done: subprocess.CompletedProcess, *words: str) -> None:
 def test_no_entrypoint_no_cmd(rimages, cache_dir):
     done = run(cache_dir, rimages.ref("run/nocmd"))
     one_line(done, "no Entrypoint or Cmd")
-    assert leftovers(0) == ([], []) or True
     assert run(cache_dir, rimages.ref("run/nocmd"), "--", "cat", "/etc/motd").stdout == "from the image\n"
 
 
@@ -281,5 +279,5 @@ def test_host_image_holds_the_libraries_ldd_names(rimages):
             for line in subprocess.run(["ldd", bash], capture_output=True, text=True).stdout.splitlines() if "/" in line]
     assert libs
     for lib in libs:
-        assert hi._in_image(lib) in names or names.get(hi._in_image(lib).replace("usr/", "", 1)), lib
+        assert hi.in_image(lib) in names, lib
     assert names["bin"].issym() and names["bin"].linkname == "usr/bin"

@@ -42,7 +42,7 @@ def _libraries(binary: str) -> list[str]:
     return [m.group(1) for line in out.splitlines() if (m := _LDD_PATH.search(line.strip()))]
 
 
-def _in_image(path: str) -> str:
+def in_image(path: str) -> str:
     """A host path as the merged-/usr image stores it (``/lib/x`` -> ``usr/lib/x``)."""
     rel = path.lstrip("/")
     top, _, rest = rel.partition("/")
@@ -60,7 +60,7 @@ def host_files(programs: Iterable[str]) -> dict[str, bytes | im.FileEntry]:
         wanted += [found, *_libraries(os.path.realpath(found))]
     for path in wanted:
         for step in _link_chain(path):
-            key = _in_image(step)
+            key = in_image(step)
             if key in files:
                 continue
             if os.path.islink(step):
@@ -114,7 +114,7 @@ def write_tree_layer(roots: Iterable[str], out: Path, *, exclude: Iterable[str] 
                 for name in [""] + sorted(filenames) + sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d))):
                     path = os.path.join(dirpath, name) if name else dirpath
                     try:
-                        tar.add(path, arcname=_in_image(path), recursive=False, filter=keep)
+                        tar.add(path, arcname=in_image(path), recursive=False, filter=keep)
                     except OSError:
                         pass
     return out.stat().st_size
