@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"platform to select from an index (default: this machine's, {Platform.host()})")
     m.add_argument("--all-platforms", action="store_true", help="fetch the manifests of every platform at mount")
     m.add_argument("--strict", action="store_true",
-                   help="serve no byte of a blob before the whole blob is fetched and verified (containerd's rule)")
+                   help="serve no byte of a blob before the whole blob is fetched and verified (containerd's rule); "
+                   "use no remote index")
+    m.add_argument("--no-remote-index", action="store_true",
+                   help="use no SOCI v1 index found as a referrer of the image (an unbound, mutable reference); "
+                   "a SOCI-enabled image's own index (v2) is still used")
     m.add_argument("--prefetch", action="store_true",
                    help="after mounting, fetch the selected platform's layers completely in the background")
     m.add_argument("--index", action="store_true",
@@ -248,7 +252,9 @@ def _run_verb(sub) -> None:
     r.add_argument("--writable", action="store_true", help="a tmpfs overlay above the image: writes anywhere, all gone at exit")
     r.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
                    help=f"platform to select from an index (default: this machine's, {Platform.host()})")
-    r.add_argument("--strict", action="store_true", help="serve no byte of a blob before the whole blob is verified")
+    r.add_argument("--strict", action="store_true", help="serve no byte of a blob before the whole blob is verified; "
+                   "use no remote index")
+    r.add_argument("--no-remote-index", action="store_true", help="use no SOCI v1 index found as a referrer of the image")
     r.add_argument("--prefetch", action="store_true", help="fetch the image's layers completely in the background")
     r.add_argument("--no-passthrough", action="store_true", help="serve every read through the mount (no FUSE passthrough)")
     _registry_args(r)
@@ -344,6 +350,7 @@ def cmd_mount(args) -> int:
         platform=args.platform or Platform.host(),
         all_platforms=args.all_platforms,
         strict=args.strict,
+        remote_index=not args.no_remote_index,
         prefetch=args.prefetch,
         index=args.index,
         span=args.span_size,

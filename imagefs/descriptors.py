@@ -48,6 +48,17 @@ LAYER_TYPES = frozenset(
         OCI_LAYER_NONDIST, OCI_LAYER_NONDIST_GZIP, OCI_LAYER_NONDIST_ZSTD,
     }
 )
+# SOCI (awslabs/soci-snapshotter): remote zTOC indexes for plain gzip layers (DESIGN §6).
+SOCI_INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"  # artifactType of an unbound referrer
+SOCI_INDEX_V2 = "application/vnd.amazon.soci.index.v2+json"  # artifactType of one bound by a SOCI-enabled image
+SOCI_ZTOC = "application/octet-stream"  # a zTOC layer of a SOCI index
+SOCI_INDEX_DIGEST = "com.amazon.soci.index-digest"  # on a v2 image manifest: its SOCI index
+SOCI_MANIFEST_DIGEST = "com.amazon.soci.image-manifest-digest"  # on a v2 SOCI index descriptor: its image
+SOCI_LAYER_DIGEST = "com.amazon.soci.image-layer-digest"  # on a zTOC: the layer it indexes
+SOCI_LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
+SOCI_BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
+SOCI_SPAN_SIZE = "com.amazon.soci.span-size"
+
 # What we ask a registry to answer with when resolving a reference.
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
@@ -179,6 +190,15 @@ def is_index(desc: Descriptor) -> bool:
 
 def has_children(desc: Descriptor) -> bool:
     return desc.media_type in MANIFEST_TYPES or desc.media_type in INDEX_TYPES
+
+
+def annotation(desc: Descriptor, key: str) -> str | None:
+    return next((v for k, v in desc.annotations if k == key), None)
+
+
+def is_soci_index(desc: Descriptor) -> bool:
+    """A SOCI index in an image index: metadata for its image, never an image to select itself."""
+    return annotation(desc, SOCI_MANIFEST_DIGEST) is not None
 
 
 def check_supported(media_type: str) -> None:

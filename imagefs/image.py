@@ -14,7 +14,8 @@ from typing import Callable
 import trio
 
 from .content.local import LocalStore, now_rfc3339
-from .descriptors import LAYER_TYPES, Descriptor, Platform, children, has_children, is_index, sniff_media_type
+from .descriptors import (LAYER_TYPES, Descriptor, Platform, children, has_children, is_index, is_soci_index,
+                          sniff_media_type)
 from .errors import PlatformNotFound, RegistryUnreachable
 from .handlers import GC_ROOT, Fetcher, dispatch, fetch
 from .reference import Reference
@@ -77,7 +78,7 @@ class Image:
         return list(layers.values())
 
     def _select(self, index: Descriptor, kids: list[Descriptor]) -> list[Descriptor]:
-        manifests = [k for k in kids if has_children(k)]
+        manifests = [k for k in kids if has_children(k) and not is_soci_index(k)]
         if self.all_platforms:
             return manifests
         # Nested indexes without a platform are walked; a platform picks its first match, as docker does.

@@ -206,7 +206,7 @@ def _mount_flags(args) -> list[str]:
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     flags += [f for m in args.mirror for f in ("--mirror", m)]
-    for name in ("strict", "prefetch", "no_passthrough", "plain_http", "insecure", "password_stdin", "debug"):
+    for name in ("strict", "no_remote_index", "prefetch", "no_passthrough", "plain_http", "insecure", "password_stdin", "debug"):
         if getattr(args, name):
             flags.append(f"--{name.replace('_', '-')}")
     return flags

@@ -21,6 +21,7 @@ from ..descriptors import Descriptor, Platform
 from ..errors import ImagefsError
 from ..handlers import dispatch
 from ..image import Image, resolve_root
+from ..layers.remote import RemoteIndexes
 from ..layers.service import Layers
 from ..reader import SPAN, BlobReader
 from ..reference import Reference, parse
@@ -42,7 +43,8 @@ class MountOptions:
     cache_dir: Path
     platform: Platform = field(default_factory=Platform.host)
     all_platforms: bool = False
-    strict: bool = False  # serve no byte of a blob before all of it is verified
+    strict: bool = False  # serve no byte of a blob before all of it is verified; no remote index
+    remote_index: bool = True  # use SOCI v1 referrers too (v2, bound to the image, is used unless strict)
     prefetch: bool = False  # complete the selected platform's layers in the background
     index: bool = False  # build the selected platform's layer indexes before the mount is ready
     span: int | None = None  # bytes a random read fetches (default: reader.SPAN)
@@ -81,7 +83,8 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         try:
             async with registered(store, str(ref), opts.mountpoint, image), trio.open_nursery() as nursery:
                 reader = BlobReader(store, client, nursery, strict=opts.strict, span=opts.span or SPAN)
-                layers = Layers(reader)
+                remote = None if opts.strict else RemoteIndexes(image, store, client, client, v1=opts.remote_index)
+                layers = Layers(reader, remote)
                 if opts.index:
                     await _index(image, layers)
                 options = set(pyfuse3.default_options)

@@ -37,7 +37,7 @@ from ..content.pieces import Pieces
 from ..descriptors import Descriptor, is_manifest
 from ..errors import ImagefsError, InvalidLayer, RegistryError
 from ..reader import BlobReader
-from . import diffids, entries, lazy, tarindex, zran
+from . import diffids, entries, lazy, remote, tarindex, zran
 from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex, sniff
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class LayerStatistics:
     span_bytes_fetched: int = 0
     spans_kept: int = 0  # verified spans read back from CACHE/pieces instead of the registry
     toc: lazy.TocStatistics = field(default_factory=lazy.TocStatistics)  # eStargz / zstd:chunked
+    remote: remote.RemoteStatistics = field(default_factory=remote.RemoteStatistics)  # SOCI zTOCs
 
 
 class _Counting(io.RawIOBase):
@@ -122,7 +123,8 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
 class Layers:
     """Indexes and file reads for the layers of one mount."""
 
-    def __init__(self, reader: BlobReader) -> None:
+    def __init__(self, reader: BlobReader, remote_indexes: remote.RemoteIndexes | None = None) -> None:
+        """``remote_indexes``: where zTOCs published in the registry are found (None: never looked for)."""
         self.reader = reader
         self.root = reader.store.root
         self._indexes: dict[str, LayerIndex] = {}
@@ -131,6 +133,9 @@ class Layers:
         self._zstd: dict[str, _ZstdCursor] = {}
         self.stats = LayerStatistics()
         self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.stats.toc, reader.nursery)
+        self.remote = remote_indexes
+        if remote_indexes is not None:
+            remote_indexes.stats = self.stats.remote
         self._inflated: set[str] = set()  # layers this process inflated whole: worth a config fetch to check
         self._checked: set[str] = set()
 
@@ -161,6 +166,12 @@ class Layers:
         if lazily is not None:
             self.stats.built += 1
             return lazily.index
+        if self.remote is not None and "zstd" not in desc.media_type:
+            found = await self.remote.index(desc)  # a zTOC in the registry (SOCI): no whole fetch
+            if found is not None:
+                await trio.to_thread.run_sync(entries.save, self.root, found)
+                self.stats.built += 1
+                return found
         log.info("indexing %s (%d bytes): fetching it whole first", desc.ref_key, desc.size)
         await self._complete(desc)
         lazily = await self.toc.open_committed(desc)  # verified with the blob: its own TOC lists it
@@ -258,7 +269,7 @@ class Layers:
         """Compressed bytes for a worker thread: from the committed blob, else a span kept by an
         earlier read, else one Range request (a verified span is then kept)."""
         store, fetcher, stats = self.reader.store, self.reader.fetcher, self.stats
-        digests = dict(index.spans)  # start -> sha256 of the span: SpanFile asks whole spans
+        digests = {s[0]: s[1] for s in index.spans}  # start -> sha256 of the span: SpanFile asks whole spans
         pieces = Pieces(store.root, desc.digest)
 
         async def fetch(start: int, end: int) -> bytes:

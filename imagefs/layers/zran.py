@@ -68,6 +68,32 @@ def _export(gz: indexed_gzip.IndexedGzipFile, path: str, blob_size: int) -> tupl
     return zlib.compress(out.getvalue(), 6), spans
 
 
+def header_length(data: bytes) -> int:
+    """The length of the gzip member header at the start of ``data`` (RFC 1952), or -1."""
+    if len(data) < 10 or data[:3] != b"\x1f\x8b\x08":
+        return -1
+    flags, pos = data[3], 10
+    if flags & 4:  # FEXTRA
+        if len(data) < pos + 2:
+            return -1
+        pos += 2 + int.from_bytes(data[pos:pos + 2], "little")
+    for bit in (8, 16):  # FNAME, FCOMMENT: zero-terminated
+        if flags & bit:
+            end = data.find(b"\0", pos)
+            if end < 0:
+                return -1
+            pos = end + 1
+    if flags & 2:  # FHCRC
+        pos += 2
+    return pos if pos <= len(data) else -1
+
+
+def span_ends(spans: list[tuple], size: int) -> list[int]:
+    """Where each span ends: as a zTOC says (``(start, sha256, end)``: SOCI's spans overlap by the
+    byte a checkpoint starts inside), else where the next begins (a local index's)."""
+    return [s[2] if len(s) > 2 else (spans[i + 1][0] if i + 1 < len(spans) else size) for i, s in enumerate(spans)]
+
+
 class SpanFile(io.RawIOBase):
     """The compressed blob as indexed_gzip reads it: any byte range, served span by span.
 
@@ -76,12 +102,13 @@ class SpanFile(io.RawIOBase):
     (so a span is hashed once); every span is checked before use, by the fetcher or here.
     """
 
-    def __init__(self, size: int, spans: list[tuple[int, str]], fetch: Callable[[int, int], tuple[bytes, bool]],
+    def __init__(self, size: int, spans: list[tuple], fetch: Callable[[int, int], tuple[bytes, bool]],
                  label: str) -> None:
         super().__init__()
         self.size, self.label, self._fetch = size, label, fetch
-        self.starts = [s for s, _ in spans]
-        self.digests = [d for _, d in spans]
+        self.starts = [s[0] for s in spans]
+        self.digests = [s[1] for s in spans]
+        self.ends = span_ends(spans, size)
         self.pos = 0
         self.error: BaseException | None = None  # what failed inside indexed_gzip (it reports only ZRAN_READ_FAIL)
         self._spans: OrderedDict[int, bytes] = OrderedDict()
@@ -105,10 +132,12 @@ class SpanFile(io.RawIOBase):
         if data is not None:
             self._spans.move_to_end(i)
             return data
-        start = self.starts[i]
-        end = self.starts[i + 1] if i + 1 < len(self.starts) else self.size
+        start, end = self.starts[i], self.ends[i]
         data, checked = self._fetch(start, end)
-        if not checked and hashlib.sha256(data).hexdigest() != self.digests[i]:
+        if not self.digests[i]:  # a zTOC's first checkpoint is past the gzip header, which has no digest
+            if header_length(data) != len(data):
+                raise DigestMismatch(f"{self.label}: bytes 0-{end - 1} are not a gzip header ending at the first checkpoint")
+        elif not checked and hashlib.sha256(data).hexdigest() != self.digests[i]:
             raise DigestMismatch(f"{self.label}: compressed bytes {start}-{end - 1} do not match the digest in the index")
         self._spans[i] = data
         while len(self._spans) > KEEP_SPANS:
