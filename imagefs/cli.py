@@ -223,6 +223,15 @@ def _copy_verbs(sub) -> None:
     c.add_argument("--platform", type=_platform, default=None, metavar="OS/ARCH[/VARIANT]",
                    help="copy only this platform's manifest (DEST names it); default: the whole index")
     c.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    c.add_argument("--soci", action="store_true",
+                   help="write a SOCI-enabled image (SOCI index manifest v2, as `soci convert`): a zTOC per gzip "
+                   "layer, a SOCI index per platform, the image manifests annotated with it, and an image index "
+                   "holding both; DEST then names that new index (its digest is printed), so digests change")
+    c.add_argument("--soci-span-size", type=_size, default=None, metavar="SIZE",
+                   help="compressed bytes between zTOC checkpoints (default 4M, soci's): smaller spans make a small "
+                   "read cheaper and the zTOC bigger (32 KiB a checkpoint)")
+    c.add_argument("--soci-min-layer-size", type=_size, default=None, metavar="SIZE",
+                   help="layers smaller than this get no zTOC and are indexed locally on first contact (default 10M, soci's)")
     _registry_args(c)
     c.add_argument("--debug", action="store_true", help="log every request")
     _cache_dir_arg(c)

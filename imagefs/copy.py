@@ -296,9 +296,10 @@ class CopyResult:
 
 async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, dest_object: str | None,
                mount_from: str | None, platform: Platform | None, progress: Progress,
-               dest_name: str = "") -> CopyResult:
+               dest_name: str = "", soci=None) -> CopyResult:
     """Copy ``src_text``'s graph (one platform's with ``platform``) to ``dest``; tag it ``dest_object``
-    last (a digest, or None: the root goes up by digest)."""
+    last (a digest, or None: the root goes up by digest). With ``soci`` (:class:`SociOptions`) the
+    tag goes on the SOCI-enabled image :mod:`.sociconvert` writes after the copy."""
     started = time.monotonic()
     src = parse(src_text)
     root = await resolve_root(store, client, src)
@@ -349,7 +350,7 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
         async def one_manifest(m: Manifest) -> None:
             nonlocal put, present
             is_top = m.desc.digest == top.digest
-            obj = (dest_object or top.digest) if is_top else m.desc.digest
+            obj = (dest_object or top.digest) if is_top and soci is None else m.desc.digest
             if SHA256_RE.match(obj) and await dest.manifest_exists(m.desc):
                 present += 1
                 progress.done(m.desc, "skipped")
@@ -366,8 +367,13 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
                     nursery.start_soon(one_manifest, m)
         if top.digest in plan.levels[height]:  # the tag goes last
             await one_manifest(plan.levels[height][top.digest])
+    written = top.digest
+    if soci is not None:
+        from .sociconvert import Converter
+
+        written = (await Converter(store, client, dest, image, soci).publish(top, dest_object)).digest
     maintenance.touch(store, [*plan.blobs, *(d for lvl in plan.levels.values() for d in lvl)])
-    return CopyResult(str(src), dest_name or str(dest), top.digest, tuple(outcomes["uploaded"]), tuple(outcomes["mounted"]),
+    return CopyResult(str(src), dest_name or str(dest), written, tuple(outcomes["uploaded"]), tuple(outcomes["mounted"]),
                       tuple(outcomes["skipped"]), put, present, sum(s.from_source for s in sources),
                       sum(s.from_cache for s in sources), time.monotonic() - started)
 
@@ -407,6 +413,14 @@ def run(args) -> int:
     store = LocalStore((args.cache_dir or default_cache_dir()).resolve())
     src = parse(args.src)
     dest, dest_object, dest_ref = open_destination(args.dest, opts)
+    soci = None
+    if getattr(args, "soci", False):
+        from .sociconvert import SPAN_SIZE, MIN_LAYER_SIZE, SociOptions
+
+        if dest_object is not None and SHA256_RE.match(dest_object):
+            raise ImagefsError(f"--soci writes a new image, whose digest is not known yet: DEST {args.dest} must name a tag")
+        soci = SociOptions(args.soci_span_size or SPAN_SIZE, args.soci_min_layer_size
+                           if args.soci_min_layer_size is not None else MIN_LAYER_SIZE)
     mount_from = src.repository if dest_ref is not None and dest_ref.registry == src.registry \
         and dest_ref.repository != src.repository else None
     tty = sys.stdout.isatty() and not getattr(args, "plain", False)
@@ -415,7 +429,7 @@ def run(args) -> int:
     async def main() -> CopyResult:
         async with registry_client(src, **opts) as client, dest:
             return await copy(store, client, args.src, dest, dest_object=dest_object, mount_from=mount_from,
-                              platform=args.platform, progress=progress, dest_name=args.dest)
+                              platform=args.platform, progress=progress, dest_name=args.dest, soci=soci)
 
     try:
         result = run_verb(main)
