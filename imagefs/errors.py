@@ -14,6 +14,7 @@
     ├── InvalidManifest       JSON we cannot use                   -> EIO
     │   └── UnsupportedMediaType  e.g. Docker schema1
     ├── InvalidLayer          a layer that is not a tar we can read -> EIO
+    │   └── InvalidZtoc       a remote zTOC (SOCI) we refuse: the layer is indexed locally
     ├── PlatformNotFound      --platform names none of the index's -> ENOENT
     └── RunError              `imagefs run` cannot start the program (no command, foreign platform, no bwrap)
 
@@ -74,6 +75,10 @@ class UnsupportedMediaType(InvalidManifest):
 
 class InvalidLayer(ImagefsError):
     errno = errno.EIO
+
+
+class InvalidZtoc(InvalidLayer):
+    """A zTOC that is malformed or does not describe its layer."""
 
 
 class PlatformNotFound(ImagefsError):
