@@ -91,7 +91,7 @@ def gzidx(points: list[Checkpoint] | tuple[Checkpoint, ...], compressed_size: in
     A point at the end of both streams closes the list, as indexed_gzip's own index ends: without
     auto-build it refuses to seek past its last point, and this one is never inflated from (it
     is the end of the data)."""
-    spacing = min(max(spacing, WINDOW), MAX_SPACING)  # import refuses a spacing under the window size
+    spacing = min(max(spacing, 2 * WINDOW), MAX_SPACING)  # indexed_gzip refuses one not over the window
     points = [*points, Checkpoint(compressed_size, uncompressed_size, 0, ZERO_WINDOW)]
     head = _GZIDX_HEAD.pack(b"GZIDX", 1, 0, compressed_size, uncompressed_size, spacing, WINDOW, len(points))
     offsets = b"".join(_GZIDX_POINT.pack(p.compressed, p.uncompressed, p.bits, 1) for p in points)
@@ -161,7 +161,7 @@ def build(path: str, span_size: int, label: str, build_tool: str = ""):
     first = header_length(head)
     if first < 0:
         raise InvalidLayer(f"{label} does not start with a gzip header")
-    spacing = max(WINDOW, span_size // 4)
+    spacing = max(2 * WINDOW, span_size // 4)  # indexed_gzip wants it over the window size
     members: list[ztoc.Member] = []
     try:
         gz = indexed_gzip.IndexedGzipFile(path, spacing=spacing, readbuf_size=1 << 20, buffer_size=4 << 20)

@@ -130,8 +130,15 @@ class _View:
         start, n = self._vector(at, 1)
         return self.data[start:start + n]
 
+    def _text(self, at: int) -> str:
+        start, n = self._vector(at, 1)
+        if self.data[start + n:start + n + 1] != b"\0":  # as flatbuffers' verifier asks
+            raise InvalidZtoc(f"the string at {at} is not terminated")
+        return self.data[start:start + n].decode("utf-8", "surrogateescape")  # Go strings are bytes: keep them
+
     def string(self, slot: int) -> str:
-        return self.blob(slot).decode("utf-8", "surrogateescape")  # Go strings are bytes: keep them
+        at = self._ref(slot)
+        return "" if at is None else self._text(at)
 
     def table(self, slot: int) -> _View | None:
         at = self._ref(slot)
@@ -148,11 +155,7 @@ class _View:
         return [_View(self.data, p) for p in self._elements(slot)]
 
     def strings(self, slot: int) -> list[str]:
-        out = []
-        for p in self._elements(slot):
-            start, n = self._vector(p, 1)
-            out.append(self.data[start:start + n].decode("utf-8", "surrogateescape"))
-        return out
+        return [self._text(p) for p in self._elements(slot)]
 
 
 def _member(t: _View) -> Member:
