@@ -32,6 +32,7 @@ from ..descriptors import (SOCI_INDEX_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, SOCI
                            Descriptor, annotation, children, is_manifest, is_soci_index)
 from ..errors import ImagefsError, InvalidManifest, NotFound
 from ..handlers import Fetcher, fetch
+from . import ztoc
 from .entries import GZIP, LayerIndex
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,6 @@ class RemoteIndexes:
         return Found(soci, where, ztocs)
 
     async def _convert(self, layer: Descriptor, desc: Descriptor) -> LayerIndex:
-        from . import ztoc
-
         if desc.size > MAX_ZTOC:
             raise ztoc.InvalidZtoc(f"{desc.size} bytes, over the {MAX_ZTOC} byte limit")
         await fetch(self.store, self.fetcher, desc)
@@ -179,8 +178,6 @@ class RemoteIndexes:
 
 def convert(data: bytes, layer: Descriptor) -> LayerIndex:
     """A decoded, checked zTOC as the index a local pass builds (blocking: run it in a thread)."""
-    from . import ztoc
-
     z = ztoc.decode(data, layer.ref_key)
     if z.compressed_size != layer.size:
         raise ztoc.InvalidZtoc(f"it indexes {z.compressed_size} compressed bytes, the layer has {layer.size}")
