@@ -23,6 +23,7 @@ from imagefs.pull import pull as pull_image
 from imagefs.reference import parse
 from imagefs.registry.client import RegistryClient
 from imagefs.units import human, parse_size
+from tests.support.cachefiles import backdate
 from tests.support.mounting import Mount, imagefs
 
 AMD64 = ("--platform", "linux/amd64")
@@ -33,11 +34,6 @@ def cached(cache_dir) -> set[str]:
     d = cache_dir / "blobs" / "sha256"
     return {f"sha256:{p.name}" for p in d.iterdir()} if d.exists() else set()
 
-
-def backdate(cache_dir, seconds=3600.0) -> None:
-    then = time.time() - seconds
-    for p in cache_dir.rglob("*"):
-        os.utime(p, (then, then), follow_symlinks=False)
 
 
 def set_last_used(cache_dir, digests, when) -> None:

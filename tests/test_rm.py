@@ -2,22 +2,14 @@
 what only it used and keeps what another image, or a live mount, still references. Everything runs
 through the real command line against the session registry."""
 
-import os
-import time
-
 from imagefs.testing import images as im
+from tests.support.cachefiles import backdate
 from tests.support.mounting import Mount, imagefs
 
 
 def cached(cache_dir) -> set[str]:
     return {f"sha256:{p.name}" for p in (cache_dir / "blobs" / "sha256").iterdir()}
 
-
-def backdate(cache_dir, seconds=3600.0) -> None:
-    """gc never sweeps blobs committed in the last minute."""
-    then = time.time() - seconds
-    for p in cache_dir.rglob("*"):
-        os.utime(p, (then, then), follow_symlinks=False)
 
 
 def test_rm_then_gc_removes_the_image_and_keeps_what_another_shares(registry, images, cache_dir):
