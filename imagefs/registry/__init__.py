@@ -1,5 +1,7 @@
-"""Talking to OCI distribution registries: :mod:`.auth` (token and basic auth as an httpx flow)
-and :mod:`.client` (resolve references, fetch manifests and blobs).
+"""Talking to OCI distribution registries: :mod:`.auth` (token and basic auth as an httpx flow),
+:mod:`.transport` (hosts, requests, retries, errors, counters), :mod:`.client` (the protocol:
+resolve references, fetch manifests and blobs) and :mod:`.connect` (a client from the registry
+flags every verb shares).
 
 Imported lazily: ``imagefs --help`` and the command that starts a background mount read
 :mod:`.hosts` only, and need not load httpx.

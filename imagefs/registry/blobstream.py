@@ -3,27 +3,28 @@
 :class:`BlobStream` is what :meth:`RegistryClient.open <.client.RegistryClient.open>` hands out:
 it tries the blob's sources in order, resumes a cut body from the byte where it stopped, copes with
 hosts that ignore ``Range`` or answer 416, and — once httpx has fetched a range of a source cleanly —
-reads later long ranges of it through :mod:`.direct`, off the trio thread.
+reads later long ranges of it through :mod:`.direct`, off the trio thread. It sends everything
+through a :class:`~.transport.RegistryTransport`, and knows of the client only the sources it
+was given.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httpx
 
 from ..descriptors import ACCEPT_MANIFESTS, Descriptor
 from ..errors import ImagefsError, NotFound, RegistryError, RegistryUnreachable
-from .credentials import tls_failure
 from .direct import Body, Lost, Refused
 from .retry import FALLBACK_ATTEMPTS, Retrier, retryable_transport
+from .transport import RegistryTransport, Source, reason
 from .tuning import DIRECT_MIN
 
-if TYPE_CHECKING:
-    from .client import RegistryClient, _Source
+__all__ = ["BlobStream", "reason"]  # reason: push imports it from here
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +34,22 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 class BlobStream:
     """Bytes ``[pos, end)`` of one blob as one stream.
 
-    Sources are tried in order (see :meth:`RegistryClient._blob_sources`): on ``NotFound`` the
+    Sources are tried in order (see :meth:`RegistryClient.blob_sources`): on ``NotFound`` the
     next one, on another failure the next *host*. A body cut short is asked for again from
     ``pos`` with ``Range: bytes=pos-(end-1)`` on the same source, so nothing already received is
     fetched twice; an answer that starts before ``pos`` (a 200 from a server that ignores Range,
     or a 206 wider than asked) is skipped up to it; a 416 gets one more try without Range.
     """
 
-    def __init__(self, client: RegistryClient, desc: Descriptor, start: int, end: int) -> None:
-        self.client = client
+    def __init__(self, transport: RegistryTransport, sources: Callable[[], list[Source]], desc: Descriptor,
+                 start: int, end: int) -> None:
+        self.transport = transport
+        self.find_sources = sources  # asked on the first connect: which hosts are up is decided then
         self.desc = desc
         self.pos = start
         self.end = end
         self.what = f"blob {desc.digest}"
-        self.sources: list[_Source] | None = None
+        self.sources: list[Source] | None = None
         self.index = 0
         self.errors: list[ImagefsError] = []
         self.resp: httpx.Response | None = None
@@ -57,14 +60,14 @@ class BlobStream:
         self.retrier: Retrier | None = None
 
     @property
-    def source(self) -> _Source:
+    def source(self) -> Source:
         assert self.sources is not None
         return self.sources[self.index]
 
     async def connect(self) -> None:
         """Have a body positioned at ``pos``: on the current source, else the next ones."""
         if self.sources is None:
-            self.sources = self.client._blob_sources(self.desc)
+            self.sources = self.find_sources()
         while True:
             try:
                 await self._open(self.source)
@@ -88,30 +91,29 @@ class BlobStream:
         if current.host is not self.sources[nxt].host:
             nxt_source = self.sources[nxt]
             target = nxt_source.host if nxt_source.kind != "url" else _origin(nxt_source.url)
-            self.client._failed_over(current.host, error, target)
+            self.transport.failed_over(current.host, error, target)
         self.index = nxt
         self.retrier = None
         self.whole = False
 
-    def _retrier_for(self, source: _Source) -> Retrier:
+    def _retrier_for(self, source: Source) -> Retrier:
         assert self.sources is not None
         last_host = self.sources[-1].host
-        policy = self.client.retry
+        policy = self.transport.retry
         if source.host is not last_host:
             policy = policy.with_attempts(FALLBACK_ATTEMPTS)
-        return Retrier(policy, f"GET at {source.host.label}")
+        return self.transport.retrier(policy, f"GET at {source.host.label}")
 
-    async def _open_direct(self, source: _Source) -> bool:
+    async def _open_direct(self, source: Source) -> bool:
         """Open ``[pos, end)`` on the direct path if this source has a recipe; False to use httpx."""
-        direct = self.client._direct
+        direct = self.transport.direct
         if direct is None or self.whole or self.end - self.pos < DIRECT_MIN:
             return False
         recipe = direct.recipe(source.url)
         if recipe is None:
             return False
-        self.client.requests += 1
         try:
-            self.body = await direct.get(recipe, self.pos, self.end, self.desc.size)
+            self.body = await self.transport.get_direct(recipe, self.pos, self.end, self.desc.size)
             log.debug("%s: bytes %d-%d direct from %s", self.what, self.pos, self.end - 1, recipe.origin)
             return True
         except (Refused, OSError) as exc:  # httpx asks again, and judges the answer
@@ -119,12 +121,12 @@ class BlobStream:
             log.debug("%s: direct request to %s: %s; asking through httpx", self.what, recipe.origin, reason(exc))
             return False
 
-    async def _open(self, source: _Source) -> None:
+    async def _open(self, source: Source) -> None:
         if self.retrier is None:
             self.retrier = self._retrier_for(source)
         if await self._open_direct(source):
             return
-        client = self.client
+        transport = self.transport
         while True:
             headers = {"Accept-Encoding": "identity"}  # a CDN must not gzip the bytes we hash
             if source.kind == "manifests":
@@ -133,8 +135,8 @@ class BlobStream:
             if ranged:
                 headers["Range"] = f"bytes={self.pos}-{self.end - 1}"
             params = None if source.kind != "url" else {}
-            resp = await client._request(source.host, "GET", source.url, headers=headers, what=self.what,
-                                         retrier=self.retrier, params=params)
+            resp = await transport.request(source.host, "GET", source.url, headers=headers, what=self.what,
+                                           retrier=self.retrier, params=params)
             status = resp.status_code
             if status == 206:
                 first = _range_start(resp.headers.get("content-range"))
@@ -143,7 +145,7 @@ class BlobStream:
                 if first > self.pos:
                     await resp.aclose()
                     if self.whole:
-                        raise RegistryError(f"{client.ref.name}: {self.what}: registry sent a range starting at "
+                        raise RegistryError(f"{transport.ref.name}: {self.what}: registry sent a range starting at "
                                             f"{first} for a request of the whole blob")
                     log.debug("%s: asked for bytes from %d, got a range from %d; asking for the whole blob",
                               self.what, self.pos, first)
@@ -158,19 +160,19 @@ class BlobStream:
                 length = resp.headers.get("content-length")
                 total = int(length) if length and length.isdigit() else None
             elif status == 416 and not self.whole:
-                error = await client._status_error(resp, self.what, source.host)
+                error = await transport.status_error(resp, self.what, source.host)
                 log.debug("%s: 416 for bytes=%d-%d (%s); asking for the whole blob", self.what, self.pos, self.end - 1, error)
                 self.whole = True
                 continue
             else:
-                raise await client._status_error(resp, self.what, source.host)
+                raise await transport.status_error(resp, self.what, source.host)
             mismatch = self._mismatch(resp, total)
             if mismatch is not None:
                 await resp.aclose()
                 raise mismatch
-            if client._direct is not None and source.kind != "manifests" and self._exact(resp):
+            if source.kind != "manifests" and self._exact(resp):
                 # exactly the range asked, as the direct path checks it: later ranges can skip httpx
-                client._direct.learn(source.url, resp.request, source.host.tls, source.host.endpoint.dial_timeout)
+                transport.learn(source, resp.request)
             self.resp = resp
             self.raw = resp.aiter_raw()  # no chunk_size: re-chunking copies every byte (measured 2.5x slower)
             return
@@ -236,7 +238,7 @@ class BlobStream:
             if len(chunk) > self.end - self.pos:  # slicing copies: only when needed
                 chunk = chunk[: self.end - self.pos]
             self.pos += len(chunk)
-            self.client.bytes_received += len(chunk)
+            self.transport.received(len(chunk), direct=self.body is not None)
             self.retrier.progress()
             yield chunk
         await self.drop()
@@ -245,7 +247,7 @@ class BlobStream:
         netloc = self.source.host.endpoint.netloc
         cause = exc.__cause__ if isinstance(exc, Lost) else exc
         if isinstance(cause, (httpx.TimeoutException, TimeoutError)):
-            return RegistryUnreachable(f"registry {netloc}: no answer within {self.client.timeout:g} s ({type(cause).__name__})")
+            return RegistryUnreachable(f"registry {netloc}: no answer within {self.transport.timeout:g} s ({type(cause).__name__})")
         return RegistryError(f"{self.what} from {netloc}: connection lost at byte {self.pos} of {self.end}: "
                              f"{reason(cause if isinstance(cause, Exception) else exc)}")
 
@@ -276,8 +278,3 @@ def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
-
-def reason(exc: BaseException) -> str:
-    """The first line of what went wrong, TLS failures explained."""
-    text = tls_failure(exc) or str(exc) or type(exc).__name__  # type: ignore[arg-type]
-    return text.splitlines()[0]

@@ -21,6 +21,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from datetime import timezone
+from typing import Callable
 
 import httpx
 import trio
@@ -109,9 +110,10 @@ def retryable_transport(exc: httpx.TransportError, *, connect_timeout: bool = Tr
 class Retrier:
     """The retry state of one operation (a resolve, a manifest, one blob stream on one host)."""
 
-    def __init__(self, policy: RetryPolicy, what: str) -> None:
+    def __init__(self, policy: RetryPolicy, what: str, on_retry: Callable[[], None] | None = None) -> None:
         self.policy = policy
         self.what = what
+        self.on_retry = on_retry  # counts retries in the transport's statistics
         self.failures = 0
         self.tries = 1
         self.started = trio.current_time()
@@ -148,6 +150,8 @@ class Retrier:
         if elapsed + delay > policy.budget:
             return False
         log.debug("%s: %s; retry %d of %d in %.2f s", self.what, error, self.failures, policy.attempts - 1, delay)
+        if self.on_retry is not None:
+            self.on_retry()
         await trio.sleep(delay)
         self.tries += 1
         return True
