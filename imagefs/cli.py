@@ -18,7 +18,6 @@ from pathlib import Path
 
 from .descriptors import Platform
 from .errors import ImagefsError
-from .fs import passthrough
 from .registry.hosts import default_hosts_dir
 
 log = logging.getLogger("imagefs")
@@ -83,7 +82,8 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def registry_options(args, password: str | None) -> dict:
-    """:class:`MountOptions` fields from :func:`_registry_args`'s flags."""
+    """:class:`~imagefs.registry.connect.RegistryOptions` fields from :func:`_registry_args`'s flags,
+    as keywords (``copy`` passes them to ``registry_client`` / ``pusher`` as they are)."""
     return dict(
         plain_http=args.plain_http,
         insecure=args.insecure,
@@ -276,8 +276,8 @@ def _registry_verb(run):
     """``run`` after this module's password and logging set-up (read once, before any task starts)."""
 
     def wrapped(args) -> int:
-        args.password = _read_password(args)
-        _setup_logging(args.debug, level=logging.WARNING)
+        args.password = read_password(args)
+        setup_logging(args.debug, level=logging.WARNING)
         return run(args)
 
     return wrapped
@@ -313,7 +313,7 @@ def _log_file(args) -> Path:
     return args.cache_dir / "logs" / f"{readable}-{name}.log"
 
 
-def _setup_logging(debug: bool, path: Path | None = None, level: int = logging.INFO) -> None:
+def setup_logging(debug: bool, path: Path | None = None, level: int = logging.INFO) -> None:
     """Log to ``path`` (a background mount) or stderr; ``level`` when not ``debug``."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +333,7 @@ def _setup_logging(debug: bool, path: Path | None = None, level: int = logging.I
 
 def cmd_mount(args) -> int:
     from .content.local import default_cache_dir
+    from .fs import passthrough
     from .fs.mountpoint import check_mountpoint
 
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
@@ -341,7 +342,7 @@ def cmd_mount(args) -> int:
     if args.foreground:  # the passthrough shim must be loaded before libfuse: start again with it
         passthrough.reexec_preloaded(args.argv)
         passthrough.forget_preload()
-    password = _read_password(args)
+    password = read_password(args)
     check_mountpoint(args.mountpoint)
     if not args.foreground:
         return _spawn_background(args, password)
@@ -349,9 +350,10 @@ def cmd_mount(args) -> int:
     import trio
 
     from .fs.mount import MountOptions, serve
+    from .registry.connect import RegistryOptions
 
     log_path = _log_file(args) if args.ready_fd is not None else None
-    _setup_logging(args.debug, path=log_path)
+    setup_logging(args.debug, path=log_path)
     opts = MountOptions(
         ref=args.ref,
         mountpoint=args.mountpoint.resolve(),
@@ -365,7 +367,7 @@ def cmd_mount(args) -> int:
         span=args.span_size,
         debug=args.debug,
         passthrough=not args.no_passthrough,
-        **registry_options(args, password),
+        registry=RegistryOptions(**registry_options(args, password)),
     )
 
     relay = _WarningRelay(args.ready_fd) if args.ready_fd is not None else None
@@ -416,7 +418,7 @@ def _report_ready(fd: int | None, message: str) -> None:
         pass
 
 
-def _read_password(args) -> str | None:
+def read_password(args) -> str | None:
     """The ``--password-stdin`` password, as ``docker login`` reads it (one trailing newline dropped)."""
     if args.username is None and not args.password_stdin:
         return None
@@ -436,6 +438,8 @@ def _spawn_background(args, password: str | None = None) -> int:
     A ``--password-stdin`` password goes to the child over its stdin, as it came to us: never on
     a command line or in the environment, where ``ps`` and ``/proc`` would show it.
     """
+    from .fs import passthrough
+
     log_path = _log_file(args)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()

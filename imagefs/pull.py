@@ -336,12 +336,10 @@ def summary(result: PullResult) -> str:
 
 def client_for(args, ref_text: str):
     """The registry client a mount with the same flags would use (one place for registry options)."""
-    from .cli import _read_password, registry_options
-    from .fs.mount import MountOptions, make_client
+    from .cli import read_password, registry_options
+    from .registry.connect import RegistryOptions, make_client
 
-    opts = MountOptions(ref=ref_text, mountpoint=Path("."), cache_dir=_cache_dir(args),
-                        **registry_options(args, _read_password(args)))
-    return make_client(parse(ref_text), opts)
+    return make_client(parse(ref_text), RegistryOptions(**registry_options(args, read_password(args))))
 
 
 def _cache_dir(args) -> Path:
@@ -350,9 +348,9 @@ def _cache_dir(args) -> Path:
 
 def _quiet_logging(debug: bool) -> None:
     """Warnings (e.g. the offline fallback) as one ``imagefs: WARNING:`` line; info stays quiet."""
-    from .cli import _setup_logging
+    from .cli import setup_logging
 
-    _setup_logging(debug, level=logging.WARNING)
+    setup_logging(debug, level=logging.WARNING)
 
 
 def run_pull(args) -> int:

@@ -24,9 +24,8 @@ from ..image import Image, resolve_root
 from ..layers.remote import RemoteIndexes
 from ..layers.service import Layers
 from ..reader import SPAN, BlobReader
-from ..reference import Reference, parse
-from ..registry.client import RegistryClient
-from ..registry.connect import registry_client
+from ..reference import parse
+from ..registry.connect import RegistryOptions, make_client
 from . import kernel
 from .mountpoint import check_mountpoint
 from .operations import Operations
@@ -48,24 +47,9 @@ class MountOptions:
     prefetch: bool = False  # complete the selected platform's layers in the background
     index: bool = False  # build the selected platform's layer indexes before the mount is ready
     span: int | None = None  # bytes a random read fetches (default: reader.SPAN)
-    plain_http: bool = False
-    insecure: bool = False
-    ca_file: str | None = None
     debug: bool = False
-    cert_dir: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)  # from --password-stdin; never printed
-    timeout: float = 30.0
-    mirrors: tuple[str, ...] = ()
-    hosts_dir: Path | None = None
     passthrough: bool = True  # let the kernel read committed blobs from the cache (fs/passthrough.py)
-
-
-def make_client(ref: Reference, opts: MountOptions) -> RegistryClient:
-    """The registry client a mount (or any verb that reads a registry) uses."""
-    return registry_client(ref, plain_http=opts.plain_http, insecure=opts.insecure, ca_file=opts.ca_file,
-                           cert_dir=opts.cert_dir, username=opts.username, password=opts.password,
-                           timeout=opts.timeout, mirrors=opts.mirrors, hosts_dir=opts.hosts_dir)
+    registry: RegistryOptions = field(default_factory=RegistryOptions)  # how to reach the registry
 
 
 async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -73,7 +57,7 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     ref = parse(opts.ref)
     check_mountpoint(opts.mountpoint)
     store = LocalStore(opts.cache_dir)
-    async with make_client(ref, opts) as client:
+    async with make_client(ref, opts.registry) as client:
         root = await resolve_root(store, client, ref)
         log.info("%s resolved to %s", ref, root.ref_key)
         image = Image(store, client, root, platform=opts.platform, all_platforms=opts.all_platforms)
