@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(frozen=True)
+class StoreStatistics:
+    """What one process's store did (trio's ``statistics()`` style: a snapshot)."""
+
+    blobs_committed: int = 0
+    bytes_committed: int = 0
+    hits: int = 0  # content asked for (a writer, a whole read) that was committed already
+    lock_waits: int = 0  # writers refused because another holder had the ref: the caller backs off
+    verify_failures: int = 0  # complete ingests whose size or digest was wrong
+
+
 class LocalStore:
     """A content store on a local directory, outliving any one mount."""
 
@@ -60,6 +72,13 @@ class LocalStore:
             d.mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, Writer] = {}
         self._xattrs_ok: bool | None = None
+        self._counts = dict.fromkeys(StoreStatistics.__dataclass_fields__, 0)
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(**self._counts)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self._counts[name] += n
 
     # -- Provider -------------------------------------------------------------------------------
 
@@ -78,24 +97,29 @@ class LocalStore:
         p = self.path(digest)
         if p is None:
             raise ImagefsError(f"{digest} is not in the content store")
+        self._count("hits")
         return p.read_bytes()
 
     # -- Ingester -------------------------------------------------------------------------------
 
     def writer(self, ref: str, size: int, digest: str) -> "Writer":
         if self.path(digest) is not None:
+            self._count("hits")
             raise AlreadyExists(f"content {digest}: already exists")
         holder = self._writers.get(ref)
         if holder is not None:
+            self._count("lock_waits")
             raise Unavailable(
                 f"ref {ref} locked for {time.monotonic() - holder.started:.1f}s "
                 f"(since {holder.started_at}, {holder.present.total()}/{holder.size} bytes present)"
             )
         lock = filelock.try_lock(self.root, ref)  # and one writer per ref across processes
         if lock is None:
+            self._count("lock_waits")
             raise filelock.unavailable(self.root, ref)
         if self.path(digest) is not None:  # committed by the holder we just followed
             lock.close()
+            self._count("hits")
             raise AlreadyExists(f"content {digest}: already exists")
         try:
             w = Writer(self, ref, size, digest, lock)
@@ -350,10 +374,12 @@ class Writer:
         if self.verified:
             return
         if not self.complete:
+            self.store._count("verify_failures")
             raise DigestMismatch(f"{self.ref}: got {self.present.total()} bytes, descriptor says {self.size}")
         await self.hash_prefix()
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self.digest:
+            self.store._count("verify_failures")
             raise DigestMismatch(f"{self.ref}: content has digest {actual}, expected {self.digest}")
         self.verified = True
         self.notify()
@@ -368,6 +394,8 @@ class Writer:
         os.chmod(self.data_path, 0o444)
         os.rename(self.data_path, target)
         self.committed = True
+        self.store._count("blobs_committed")
+        self.store._count("bytes_committed", self.size)
         shutil.rmtree(self.dir, ignore_errors=True)
         self._close()
         return target

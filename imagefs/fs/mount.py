@@ -78,7 +78,9 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 if opts.debug:
                     options.add("debug")
                 passthrough = Passthrough(opts.cache_dir) if opts.passthrough else None
-                pyfuse3.init(Operations(tree, reader, layers, passthrough), str(opts.mountpoint), options)
+                parts = {"reader": reader, "store": store, "registry": client, "layers": layers,
+                         "fuse_passthrough": passthrough}  # not "passthrough": a reader key of that name came first
+                pyfuse3.init(Operations(tree, reader, layers, passthrough, parts), str(opts.mountpoint), options)
                 served = (reader, layers)
                 if passthrough is not None:
                     passthrough.start()

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import asdict
+from typing import Mapping
 
 import pyfuse3
 
@@ -23,6 +24,7 @@ from ..errors import ImagefsError
 from ..handlers import GC_REF, GC_ROOT
 from ..layers.service import Layers
 from ..reader import BlobReader, Handle
+from ..statistics import HasStatistics, collect
 from .passthrough import INODE_MASK, Passthrough
 from .tree import Node, Tree
 
@@ -63,7 +65,8 @@ class Operations(pyfuse3.Operations):
     """Answers the kernel from a :class:`Tree`; blobs come through a :class:`BlobReader`."""
 
     def __init__(self, tree: Tree, reader: BlobReader, layers: Layers | None = None,
-                 passthrough: Passthrough | None = None) -> None:
+                 passthrough: Passthrough | None = None, parts: Mapping[str, HasStatistics | None] | None = None) -> None:
+        """``parts``: what ``user.imagefs.statistics`` shows, one key each (:mod:`imagefs.statistics`)."""
         super().__init__()
         self.tree = tree
         self.reader = reader
@@ -74,6 +77,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, tuple[Node, Handle | None]] = {}
         self._next_fh = 0
         self.passthrough = passthrough
+        self.parts = dict(parts or {})
         self.readdirs = 0  # READDIR requests answered (the kernel answers cached directories itself)
 
     # -- attributes -----------------------------------------------------------------------------
@@ -214,9 +218,10 @@ class Operations(pyfuse3.Operations):
         desc = node.desc
         if desc is None:
             if node.inode == pyfuse3.ROOT_INODE:  # what this mount has done, for benchmarks and curious users
-                stats = asdict(self.reader.statistics())
+                stats = asdict(self.reader.statistics())  # the reader's keys at the top, as before the parts
                 stats["passthrough_opens"] = self.passthrough.opens if self.passthrough else 0
                 stats["readdirs"] = self.readdirs
+                stats.update(collect(self.parts))
                 return {XATTR_USER + b"imagefs.statistics": json.dumps(stats).encode()}
             return {}
         out: dict[str, str] = {}

@@ -27,6 +27,7 @@ import logging
 import os
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ def _fuse_fd() -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class PassthroughStatistics:
+    enabled: bool
+    opens: int  # opens the kernel serves from the cache file itself: their reads never reach us
+    backing_files: int  # cache files registered with the kernel
+
+
 class Passthrough:
     """Backing ids per inode, and which opens may pass through."""
 
@@ -114,6 +122,9 @@ class Passthrough:
             return
         # Stacking depth the kernel allows under us: one more than the cache's filesystem has.
         self._depth = 2 if _is_overlay(cache_dir) else 1
+
+    def statistics(self) -> PassthroughStatistics:
+        return PassthroughStatistics(self.enabled, self.opens, len(self._backing))
 
     def start(self) -> None:
         """After ``pyfuse3.init`` (the device is open), before the first request is read."""

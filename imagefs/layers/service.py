@@ -50,8 +50,29 @@ class LayerStatistics:
     spans_fetched: int = 0
     span_bytes_fetched: int = 0
     spans_kept: int = 0  # verified spans read back from CACHE/pieces instead of the registry
+    bytes_inflated: int = 0  # member bytes read out of gzip, zstd and TOC-chunked layers
     toc: lazy.TocStatistics = field(default_factory=lazy.TocStatistics)  # eStargz / zstd:chunked
     remote: remote.RemoteStatistics = field(default_factory=remote.RemoteStatistics)  # SOCI zTOCs
+
+
+@dataclass(frozen=True)
+class LayersStatistics:
+    """A snapshot of :class:`LayerStatistics` (the tally :class:`Layers` keeps as it works), flat."""
+
+    indexes_built: int
+    indexes_loaded: int
+    bytes_inflated: int
+    spans_fetched: int
+    span_bytes_fetched: int
+    spans_kept: int
+    tocs_fetched: int
+    tocs_loaded: int
+    toc_chunks_fetched: int
+    toc_chunks_kept: int
+    toc_bytes_fetched: int
+    ztocs: int  # SOCI zTOCs fetched and used
+    ztoc_bytes: int
+    remote_refused: int  # TOCs, zTOCs or SOCI indexes found wrong
 
 
 class _Counting(io.RawIOBase):
@@ -138,6 +159,12 @@ class Layers:
             remote_indexes.stats = self.stats.remote
         self._inflated: set[str] = set()  # layers this process inflated whole: worth a config fetch to check
         self._checked: set[str] = set()
+
+    def statistics(self) -> LayersStatistics:
+        s, toc, soci = self.stats, self.stats.toc, self.stats.remote
+        return LayersStatistics(s.built, s.loaded, s.bytes_inflated, s.spans_fetched, s.span_bytes_fetched, s.spans_kept,
+                                toc.tocs_fetched, toc.tocs_loaded, toc.chunks_fetched, toc.chunks_kept, toc.bytes_fetched,
+                                soci.ztocs, soci.ztoc_bytes, toc.refused + soci.refused)
 
     def cached(self, desc: Descriptor) -> LayerIndex | None:
         return self._indexes.get(desc.digest)
@@ -241,6 +268,7 @@ class Layers:
         index = await self.index(desc)
         if index.compression in lazy.FORMATS:
             data = await self.toc.read(desc, entry, offset, size)
+            self.stats.bytes_inflated += len(data)
             if len(data) != size:
                 raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
             return data
@@ -261,6 +289,7 @@ class Layers:
             await self._complete(desc)
             cursor = self._zstd.setdefault(desc.digest, _ZstdCursor(str(self.reader.store.path(desc.digest))))
             data = await trio.to_thread.run_sync(cursor.pread, pos, size)
+        self.stats.bytes_inflated += len(data)
         if len(data) != size:
             raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
         return data
