@@ -5,7 +5,8 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.errors` — the one exception tree; each class carries the errno a reader sees.
 - :mod:`imagefs.reference` — Docker reference grammar (``alpine`` → ``docker.io/library/alpine:latest``).
 - :mod:`imagefs.descriptors` — descriptors, media types, containerd's ref keys, manifest decoding.
-- :mod:`imagefs.registry` — the httpx client: auth flow, resolve, manifests, ranged blob streams.
+- :mod:`imagefs.registry` — the httpx client: auth flow, the transport (hosts, retries, errors,
+  counters), the protocol (resolve, manifests, ranged blob streams), clients from the shared flags.
 - :mod:`imagefs.content` — the content store (cache): protocols and the local store with its
   per-ref writer locks (in process and, by flock, across processes), resumable sparse ingests,
   digest-checked commits and gc labels as ``user.`` xattrs.
@@ -14,6 +15,7 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.image` — the descriptor graph of one mount, discovered as it is walked.
 - :mod:`imagefs.reader` — byte ranges of layer blobs, served as they stream in.
 - :mod:`imagefs.layers` — the files inside layers: tar indexes, gzip checkpoints, whiteouts.
+- :mod:`imagefs.statistics` — every part's counters in the mount's ``user.imagefs.statistics``.
 - :mod:`imagefs.fs` — the FUSE side: inode tree, pyfuse3 operations (the errno boundary), mount.
 - :mod:`imagefs.pull`, :mod:`imagefs.gc`, :mod:`imagefs.fsck`, :mod:`imagefs.status` — the cache
   verbs (``pull``/``inspect``, ``gc``, ``fsck``, ``ls``); :mod:`imagefs.content.maintenance` holds
