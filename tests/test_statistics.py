@@ -3,12 +3,16 @@ counters move as a cold read and a warm remount say they must."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
 
+import pytest
+
 from tests.support.mounting import Mount
 from tests.test_mount import ref_key, wait_for
+from tests.test_registry_transport import DATA, Blobs, answer, layer, mock_client, read
 
 AMD64 = ("--platform", "linux/amd64")
 PARTS = {"reader", "store", "registry", "layers"}
@@ -57,3 +61,21 @@ def test_statistics_move_with_a_cold_read_and_stay_still_on_a_warm_remount(proxy
         if "fuse_passthrough" in warm and warm["fuse_passthrough"]["enabled"]:  # root on Linux >= 6.9
             assert warm["fuse_passthrough"]["opens"] == warm["passthrough_opens"] >= 1
     assert proxy.matching("/v2/") == [], "a warm remount by digest asked nothing of the registry"
+
+
+async def test_registry_statistics_count_requests_retries_and_bytes(autojump_clock):
+    """The transport's record, in process: a 503 then a cut body cost two retries and three requests,
+    and the bytes counted are the ones handed over, each once."""
+    blobs = Blobs(DATA)
+    blobs.script = [answer(503)]
+    blobs.cuts = [4000]
+    async with mock_client(blobs) as client:
+        assert client.statistics().requests == 0
+        assert await read(client, layer(DATA)) == DATA
+        stats = client.statistics()
+        assert (stats.requests, stats.retries, stats.bytes_received) == (3, 2, len(DATA))
+        assert stats.direct_requests == stats.direct_bytes == stats.fallbacks == 0
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            stats.requests = 0  # type: ignore[misc]
+        assert client.statistics() == stats, "a snapshot: reading it moves nothing"
+
