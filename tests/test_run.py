@@ -144,7 +144,8 @@ def test_terminal_and_ctrl_c(rimages, cache_dir):
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    script = "test -t 0 && test -t 1 && echo tty; trap 'echo interrupted; exit 5' INT; while :; do sleep 0.1; done"
+    # the trap is set before "tty" is printed, so the Ctrl-C sent on seeing it cannot beat the trap
+    script = "trap 'echo interrupted; exit 5' INT; test -t 0 && test -t 1 && echo tty; while :; do sleep 0.1; done"
     proc = subprocess.Popen([*IMAGEFS, "run", "--cache-dir", str(cache_dir), rimages.ref("run/plain"), "--", "sh", "-c", script],
                             stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty)
     os.close(slave)
