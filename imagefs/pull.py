@@ -37,7 +37,7 @@ import trio
 from .content import maintenance
 from .content.local import LocalStore, default_cache_dir
 from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
-from .errors import ImagefsError
+from .errors import ImagefsError, SeveralErrors, StorageError
 from .handlers import Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .layers import diffids
@@ -308,7 +308,7 @@ def run_verb(main):
             raise
         first = errors[0]
         more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ImagefsError(one_line(first) + more) from exc
+        raise SeveralErrors(one_line(first) + more) from exc
 
 
 def one_line(exc: BaseException) -> str:
@@ -369,7 +369,7 @@ def run_pull(args) -> int:
     try:
         result = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"pull {args.ref}: {one_line(exc)}") from exc
+        raise StorageError(f"pull {args.ref}: {one_line(exc)}") from exc
     finally:
         progress.close()
     for desc, err in result.failed:
@@ -464,7 +464,7 @@ def run_inspect(args) -> int:
     try:
         doc = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"inspect {args.ref}: {one_line(exc)}") from exc
+        raise StorageError(f"inspect {args.ref}: {one_line(exc)}") from exc
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -1,13 +1,10 @@
 """The local content store: committed blobs, in-progress ingests and remembered tags.
 
-::
+It implements every capability of :mod:`.store` on a directory laid out as :mod:`.layout` says:
+committed blobs (mode 0444, labels as ``user.`` xattrs or a sidecar file), ingests (data written
+sparse at offsets, and a state file of which ranges are present), and a tag's last resolution.
 
-    CACHE/blobs/sha256/<hex>        complete, digest-verified, mode 0444; labels as user. xattrs
-    CACHE/labels/sha256/<hex>.json  the labels, where the filesystem has no user xattrs
-    CACHE/ingest/<ref key>/         data (sparse, written at offsets) and state: which ranges are present
-    CACHE/refs/<registry>/<repository>/<tag>.json   a tag's last resolution
-
-One :class:`Writer` per ref key: in this process by a table, across processes sharing the cache by
+One :class:`LocalWriter` per ref key: in this process by a table, across processes sharing the cache by
 an ``flock`` (:mod:`.filelock`); a second caller gets :class:`Unavailable` saying who holds the ref
 and for how long, and backs off, as containerd's fetch does.
 """
@@ -21,13 +18,13 @@ import logging
 import os
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
 
-from ..errors import AlreadyExists, DigestMismatch, ImagefsError, Unavailable
-from . import filelock
+from ..errors import AlreadyExists, DigestMismatch, NotFound, StorageError, Unavailable, WriterClosed
+from . import filelock, layout
+from .labels import now_rfc3339
 from .ranges import RangeSet
 from .store import Info
 
@@ -45,26 +42,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "imagefs"
 
 
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class LocalStore:
     """A content store on a local directory, outliving any one mount."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.blobs = self.root / "blobs" / "sha256"
-        self.ingests = self.root / "ingest"
-        for d in (self.blobs, self.ingests, self.root / "refs"):
+        self.blobs = layout.blobs(self.root)
+        self.ingests = layout.ingests(self.root)
+        for d in (self.blobs, self.ingests, layout.refs(self.root)):
             d.mkdir(parents=True, exist_ok=True)
-        self._writers: dict[str, Writer] = {}
+        self._writers: dict[str, LocalWriter] = {}
         self._xattrs_ok: bool | None = None
 
     # -- Provider -------------------------------------------------------------------------------
 
     def path(self, digest: str) -> Path | None:
-        p = self.blobs / digest.split(":", 1)[1]
+        p = layout.blob(self.root, digest)
         return p if p.exists() else None
 
     def info(self, digest: str) -> Info | None:
@@ -77,12 +70,12 @@ class LocalStore:
         """A small committed blob, whole (manifests and configs)."""
         p = self.path(digest)
         if p is None:
-            raise ImagefsError(f"{digest} is not in the content store")
+            raise NotFound(f"{digest} is not in the content store")
         return p.read_bytes()
 
     # -- Ingester -------------------------------------------------------------------------------
 
-    def writer(self, ref: str, size: int, digest: str) -> "Writer":
+    def writer(self, ref: str, size: int, digest: str) -> "LocalWriter":
         if self.path(digest) is not None:
             raise AlreadyExists(f"content {digest}: already exists")
         holder = self._writers.get(ref)
@@ -98,28 +91,28 @@ class LocalStore:
             lock.close()
             raise AlreadyExists(f"content {digest}: already exists")
         try:
-            w = Writer(self, ref, size, digest, lock)
+            w = LocalWriter(self, ref, size, digest, lock)
         except BaseException:
             lock.close()
             raise
         self._writers[ref] = w
         return w
 
-    def active(self, ref: str) -> "Writer | None":
+    def active(self, ref: str) -> "LocalWriter | None":
         return self._writers.get(ref)
 
-    def _release(self, w: "Writer") -> None:
+    def release(self, w: "LocalWriter") -> None:
+        """Forget ``w`` as the holder of its ref (its lock is the writer's to close)."""
         if self._writers.get(w.ref) is w:
             del self._writers[w.ref]
 
     # -- Manager --------------------------------------------------------------------------------
 
     def labels(self, digest: str) -> dict[str, str]:
-        hex_ = digest.split(":", 1)[1]
-        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+        sidecar = layout.sidecar(self.root, digest)
         if sidecar.exists():
             return json.loads(sidecar.read_text())
-        return self._xattr_labels(self.blobs / hex_)
+        return self._xattr_labels(layout.blob(self.root, digest))
 
     @staticmethod
     def _xattr_labels(path: Path) -> dict[str, str]:
@@ -135,9 +128,8 @@ class LocalStore:
     def update_labels(self, digest: str, labels: dict[str, str], *, path: Path | None = None) -> None:
         """Record labels on the committed blob (or ``path``, the file about to be committed): as
         ``user.`` xattrs, or in a sidecar file."""
-        hex_ = digest.split(":", 1)[1]
-        p = path or self.blobs / hex_
-        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+        p = path or layout.blob(self.root, digest)
+        sidecar = layout.sidecar(self.root, digest)
         if self._xattrs_ok is not False and not sidecar.exists():
             try:
                 for k, v in labels.items():
@@ -160,12 +152,11 @@ class LocalStore:
 
     def remove_labels(self, digest: str, names: list[str]) -> None:
         """Drop labels from a committed blob (``imagefs rm`` drops ``gc.root``)."""
-        hex_ = digest.split(":", 1)[1]
-        sidecar = self.root / "labels" / "sha256" / f"{hex_}.json"
+        sidecar = layout.sidecar(self.root, digest)
         if sidecar.exists():
             kept = {k: v for k, v in json.loads(sidecar.read_text()).items() if k not in names}
             _atomic_write(sidecar, json.dumps(kept, sort_keys=True).encode())
-        p = self.blobs / hex_
+        p = layout.blob(self.root, digest)
         present = [n for n in names if XATTR_PREFIX + n in _listxattr(p)]
         if not present:
             return
@@ -177,20 +168,30 @@ class LocalStore:
         finally:
             os.chmod(p, mode)
 
-    # -- tags -----------------------------------------------------------------------------------
+    def delete(self, digest: str) -> bool:
+        """Remove a committed blob and its sidecar labels (a reader with it open keeps its bytes)."""
+        try:
+            layout.blob(self.root, digest).unlink()
+            found = True
+        except FileNotFoundError:
+            found = False
+        try:
+            layout.sidecar(self.root, digest).unlink()
+        except FileNotFoundError:
+            pass
+        return found
 
-    def _tag_path(self, name: str, tag: str) -> Path:
-        return self.root / "refs" / name / f"{tag}.json"
+    # -- tags -----------------------------------------------------------------------------------
 
     def remember_tag(self, name: str, tag: str, desc_json: dict) -> None:
         """Remember what ``name:tag`` resolved to, so it can be mounted when the registry is away."""
-        p = self._tag_path(name, tag)
+        p = layout.tag(self.root, name, tag)
         p.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(p, json.dumps({"descriptor": desc_json, "resolved": now_rfc3339()}).encode())
 
     def forget_tag(self, name: str, tag: str) -> bool:
         """Forget what ``name:tag`` resolved to; False if it was not remembered."""
-        p = self._tag_path(name, tag)
+        p = layout.tag(self.root, name, tag)
         try:
             p.unlink()
         except FileNotFoundError:
@@ -198,7 +199,7 @@ class LocalStore:
         return True
 
     def recall_tag(self, name: str, tag: str) -> tuple[dict, str] | None:
-        p = self._tag_path(name, tag)
+        p = layout.tag(self.root, name, tag)
         try:
             doc = json.loads(p.read_text())
             return doc["descriptor"], doc["resolved"]
@@ -206,15 +207,15 @@ class LocalStore:
             return None
 
 
-class Writer:
+class LocalWriter:
     """The single writer of one blob: bytes land at any offset in a sparse ingest file.
 
     ``present`` records which ranges are on disk and is saved beside the data, so a later process
     resumes a partial blob instead of starting over. The contiguous prefix is hashed off the trio
     thread as it grows (:meth:`hash_prefix`); :meth:`commit` checks size and digest before the blob
     becomes permanent. Readers in the same process follow ``present`` and wake on
-    :meth:`wait_changed`. Leaving the ``with`` block without :meth:`commit` discards the data;
-    :meth:`suspend` keeps it for a later process.
+    :meth:`wait_changed`. Leaving the ``with`` block without :meth:`commit` discards the data —
+    unless it was verified: then it is kept for a later process, as :meth:`suspend` keeps it.
     """
 
     def __init__(self, store: LocalStore, ref: str, size: int, digest: str, lock: filelock.Lock | None = None) -> None:
@@ -226,7 +227,7 @@ class Writer:
         self.verified = False
         self.committed = False
         self.closed = False
-        self.dir = store.ingests / ref
+        self.dir = layout.ingest(store.root, ref)
         self.data_path = self.dir / "data"
         self.state_path = self.dir / "state"
         self.fd = -1
@@ -239,7 +240,7 @@ class Writer:
             if self.fd >= 0:
                 os.close(self.fd)
             shutil.rmtree(self.dir, ignore_errors=True)
-            raise ImagefsError(f"{ref}: cannot make an ingest of {size} bytes in {store.ingests}: {exc.strerror}") from exc
+            raise StorageError(f"{ref}: cannot make an ingest of {size} bytes in {store.ingests}: {exc.strerror}") from exc
         self.hashed = 0
         self._hash = hashlib.sha256()
         self._hash_lock = trio.Lock()
@@ -267,12 +268,16 @@ class Writer:
                  "present": self.present.ranges()}
         _atomic_write(self.state_path, json.dumps(state).encode())
 
-    def __enter__(self) -> "Writer":
+    def __enter__(self) -> "LocalWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed:
-            self.abort(exc or ImagefsError(f"{self.ref}: fetch ended before commit"))
+        if self.committed:
+            return
+        if self.verified and not isinstance(exc, DigestMismatch):
+            self.suspend()  # right bytes the disk would not commit (ENOSPC): a later try resumes
+        else:
+            self.abort(exc or WriterClosed(f"{self.ref}: fetch ended before commit"))
 
     @property
     def offset(self) -> int:
@@ -290,7 +295,7 @@ class Writer:
     async def write_at(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``; the disk write runs off the trio thread."""
         if self.closed:
-            raise self.error or ImagefsError(f"{self.ref}: writer is closed")
+            raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         if offset + len(data) > self.size:
             raise DigestMismatch(f"{self.ref}: registry sent more than the {self.size} bytes the descriptor says")
         self._ops += 1
@@ -307,7 +312,7 @@ class Writer:
             if self.closed:
                 self._close_fd()
         if self.closed:
-            raise self.error or ImagefsError(f"{self.ref}: writer is closed")
+            raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         self.present.add(offset, offset + len(data))
         self.notify()
 
@@ -359,14 +364,22 @@ class Writer:
         self.notify()
 
     async def commit(self, labels: dict[str, str] | None = None) -> Path:
-        """Verify, then make the blob permanent; a mismatch raises (the caller aborts)."""
+        """Verify, then make the blob permanent.
+
+        A mismatch raises :class:`DigestMismatch` (the caller aborts). A disk that refuses the
+        fsync, the labels or the rename raises :class:`StorageError` and leaves the writer open
+        and verified: its bytes may still be served, and a later commit may succeed.
+        """
         await self.verify()
-        target = self.store.blobs / self.digest.split(":", 1)[1]
-        await trio.to_thread.run_sync(os.fsync, self.fd)
-        if labels:  # while the file is still ours to write: a 0444 file refuses xattrs to non-root
-            self.store.update_labels(self.digest, labels, path=self.data_path)
-        os.chmod(self.data_path, 0o444)
-        os.rename(self.data_path, target)
+        target = layout.blob(self.store.root, self.digest)
+        try:
+            await trio.to_thread.run_sync(os.fsync, self.fd)
+            if labels:  # while the file is still ours to write: a 0444 file refuses xattrs to non-root
+                self.store.update_labels(self.digest, labels, path=self.data_path)
+            os.chmod(self.data_path, 0o444)
+            os.rename(self.data_path, target)
+        except OSError as exc:
+            raise StorageError(f"{self.ref}: verified, but cannot be committed: {exc.strerror or exc}") from exc
         self.committed = True
         shutil.rmtree(self.dir, ignore_errors=True)
         self._close()
@@ -385,12 +398,12 @@ class Writer:
         if self.committed or self.closed:
             return
         self.save()
-        self.error = ImagefsError(f"{self.ref}: fetch suspended")
+        self.error = WriterClosed(f"{self.ref}: fetch suspended")
         self._close()
 
     def _close(self) -> None:
         self.closed = True
-        self.store._release(self)
+        self.store.release(self)
         if self.lock is not None:
             self.lock.close()
         if self._ops == 0:
@@ -401,6 +414,10 @@ class Writer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+#: The name copy.py and older callers know; new code types against :class:`.store.Writer`.
+Writer = LocalWriter
 
 
 def _listxattr(path: Path) -> list[str]:
@@ -430,7 +447,7 @@ def _hash_file(path: Path, hasher, start: int, end: int) -> int:
         while pos < end:
             chunk = f.read(min(HASH_CHUNK, end - pos))
             if not chunk:
-                raise ImagefsError(f"{path}: ingest shorter than expected at {pos}")
+                raise StorageError(f"{path}: ingest shorter than expected at {pos}")
             hasher.update(chunk)
             pos += len(chunk)
     return end

@@ -21,15 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from . import maintenance
-from .local import LocalStore, now_rfc3339
+from . import layout, maintenance
+from .labels import now_rfc3339
+from .local import LocalStore
 
 if TYPE_CHECKING:
     from ..image import Image
 
 log = logging.getLogger(__name__)
-
-MOUNTS_DIR = "mounts"
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class MountRecord:
 
 
 def mounts_dir(store_root: Path) -> Path:
-    return Path(store_root) / MOUNTS_DIR
+    return layout.mounts(store_root)
 
 
 def _proc_start(pid: int) -> int | None:
