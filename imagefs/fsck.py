@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .content import layout, maintenance, mounts, pieces
-from .content.labels import GC_REF, MEDIATYPE
+from .content.labels import GC_REF, MEDIATYPE, UNCOMPRESSED
 from .content.local import XATTR_PREFIX, LocalStore, default_cache_dir
 from .descriptors import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, children
 from .errors import ImagefsError, InvalidManifest, NotFound
@@ -209,10 +209,10 @@ def _check_diff_ids(c: _Checker, expected: dict[str, list[tuple[str, str, str]]]
     names = _image_names(store, good)
     for layer, actual in inflated.items():
         subject = maintenance.describe(layer, maintenance.safe_labels(store, layer).get(MEDIATYPE))
-        label = maintenance.safe_labels(store, layer).get(diffids.LABEL)
+        label = maintenance.safe_labels(store, layer).get(UNCOMPRESSED)
         if label and label != actual:
-            c.found(subject, f"label {diffids.LABEL}={label!r}, but it inflates to {actual}",
-                    lambda d=layer, a=actual: store.update_labels(d, {diffids.LABEL: a}), how="labels rewritten")
+            c.found(subject, f"label {UNCOMPRESSED}={label!r}, but it inflates to {actual}",
+                    lambda d=layer, a=actual: store.update_labels(d, {UNCOMPRESSED: a}), how="labels rewritten")
         for manifest, config, diff_id in expected.get(layer, ()):
             if diff_id != actual and manifest in good and config in good:
                 image = f"manifest {manifest}" + (f" ({', '.join(names[manifest])})" if names.get(manifest) else "")
@@ -350,7 +350,7 @@ def _check_ingest(c: _Checker, ingest: maintenance.Ingest, open_files) -> None:
         problem = f"state file is for {state.get('ref')}"
     else:
         try:
-            data = (ingest.path / "data").stat().st_size
+            data = (ingest.path / layout.INGEST_DATA).stat().st_size
             if data > state["size"]:
                 problem = f"data holds {data} bytes, more than the blob's {state['size']}"
         except OSError:

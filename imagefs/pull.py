@@ -35,6 +35,7 @@ from typing import AsyncIterator, Protocol
 import trio
 
 from .content import maintenance
+from .content.labels import UNCOMPRESSED
 from .content.local import LocalStore, default_cache_dir
 from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
 from .errors import ImagefsError, SeveralErrors, StorageError
@@ -249,7 +250,7 @@ class Uncompressed:
         if layer.digest in self._started:
             return
         self._started.add(layer.digest)
-        label = maintenance.safe_labels(self.store, layer.digest).get(diffids.LABEL)
+        label = maintenance.safe_labels(self.store, layer.digest).get(UNCOMPRESSED)
         if label:
             self.found[layer.digest] = label
             return
@@ -292,7 +293,7 @@ def _inflate(store: LocalStore, digest: str) -> str | None:
     if actual != digest or uncompressed is None:  # fsck's to report; nothing to compare
         return None
     try:
-        store.update_labels(digest, {diffids.LABEL: uncompressed})
+        store.update_labels(digest, {UNCOMPRESSED: uncompressed})
     except OSError as exc:
         log.debug("could not label %s with its uncompressed digest: %s", digest, exc)
     return uncompressed

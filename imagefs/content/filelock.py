@@ -87,7 +87,7 @@ class Lock:
 def lock_path(store_root: Path, ref: str) -> Path:
     if not ref or "/" in ref or ref.startswith("."):
         raise ValueError(f"not a ref key: {ref!r}")
-    return layout.locks(store_root) / f"{ref}.lock"
+    return layout.lock(store_root, ref)
 
 
 def try_lock(store_root: Path, ref: str) -> Lock | None:

@@ -56,8 +56,8 @@ class LocalWriter:
         self.committed = False
         self.closed = False
         self.dir = layout.ingest(store.root, ref)
-        self.data_path = self.dir / "data"
-        self.state_path = self.dir / "state"
+        self.data_path = layout.ingest_data(store.root, ref)
+        self.state_path = layout.ingest_state(store.root, ref)
         self.fd = -1
         try:
             self.present = self._resume() or RangeSet()

@@ -21,6 +21,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: the two files of an ingest directory
+INGEST_DATA = "data"
+INGEST_STATE = "state"
+
 
 def hex_of(digest: str) -> str:
     """``sha256:<hex>`` -> ``<hex>``, the file name of a digest."""
@@ -51,8 +55,20 @@ def ingest(root: Path | str, ref: str) -> Path:
     return ingests(root) / ref
 
 
+def ingest_data(root: Path | str, ref: str) -> Path:
+    return ingest(root, ref) / INGEST_DATA
+
+
+def ingest_state(root: Path | str, ref: str) -> Path:
+    return ingest(root, ref) / INGEST_STATE
+
+
 def locks(root: Path | str) -> Path:
     return Path(root) / "locks"
+
+
+def lock(root: Path | str, ref: str) -> Path:
+    return locks(root) / f"{ref}.lock"
 
 
 def refs(root: Path | str) -> Path:
@@ -82,6 +98,10 @@ def pieces_of(root: Path | str, layer_digest: str) -> Path:
 
 def mounts(root: Path | str) -> Path:
     return Path(root) / "mounts"
+
+
+def mount_record(root: Path | str, pid: int) -> Path:
+    return mounts(root) / f"{pid}.json"
 
 
 def logs(root: Path | str) -> Path:

@@ -256,7 +256,7 @@ def ingests(store: LocalStore) -> list[Ingest]:
             out.append(Ingest(entry.name, path, None, _disk_bytes(path), _mtime(path)))
             continue
         try:
-            state = json.loads((path / "state").read_text())
+            state = json.loads((path / layout.INGEST_STATE).read_text())
             if not isinstance(state, dict):
                 state = None
         except (OSError, ValueError):

@@ -116,7 +116,7 @@ def register(store_root: Path, *, ref: str, mountpoint: Path, root_digest: str, 
     record = MountRecord(
         pid=pid, ref=ref, mountpoint=str(mountpoint), root=root_digest, root_media_type=root_media_type,
         selected=tuple(selected), started=now_rfc3339(), proc_start=_proc_start(pid), boot_id=_boot_id(),
-        path=mounts_dir(store_root) / f"{pid}.json",
+        path=layout.mount_record(store_root, pid),
     )
     assert record.path is not None
     record.path.parent.mkdir(parents=True, exist_ok=True)
