@@ -101,12 +101,13 @@ async def copy(writer: Writer, fetcher: Fetcher, desc: Descriptor, *, root: bool
     tee = bytearray() if has_children(desc) else None
     # A blob resumes after what an earlier process left; a manifest is re-read whole for the tee.
     pos = 0 if tee is not None else writer.offset
-    async with fetcher.open(desc, pos) as stream:
-        async for chunk in stream:
-            await writer.write_at(pos, chunk)
-            pos += len(chunk)
-            if tee is not None:
-                tee += chunk
+    if pos == 0 or pos < desc.size:  # a verified ingest kept after a refused commit needs no byte more
+        async with fetcher.open(desc, pos) as stream:
+            async for chunk in stream:
+                await writer.write_at(pos, chunk)
+                pos += len(chunk)
+                if tee is not None:
+                    tee += chunk
     kids: list[Descriptor] = []
     if tee is not None:
         verify(desc, bytes(tee))  # never parse bytes we cannot vouch for

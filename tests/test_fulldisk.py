@@ -16,6 +16,7 @@ import trio
 
 from imagefs.content import LocalStore
 from imagefs.errors import DigestMismatch, StorageError
+from imagefs.handlers import fetch
 from imagefs.reader import BlobReader
 from tests.support.mounting import Mount
 from tests.test_handlers import MemoryFetcher, blob
@@ -131,3 +132,19 @@ async def test_a_digest_mismatch_is_still_discarded(tmp_path):
             await reader.prefetch(desc)
     assert reader.statistics().verify_failures == 1
     assert not (store.ingests / desc.ref_key).exists()
+
+
+async def test_a_whole_blob_fetch_keeps_what_the_disk_would_not_commit(tmp_path, monkeypatch):
+    """The fetch handler's path (configs, manifests, ``--prefetch`` of pull): the same rule."""
+    data = random.randbytes(200_000)
+    desc = blob(data)
+    fetcher = MemoryFetcher({desc.digest: data}, chunk=65536)
+    store = LocalStore(tmp_path / "c")
+    _refuse_fsync(monkeypatch)
+    with pytest.raises(StorageError, match="No space left on device"):
+        await fetch(store, fetcher, desc)
+    assert store.path(desc.digest) is None and store.active(desc.ref_key) is None
+    monkeypatch.undo()
+    await fetch(LocalStore(tmp_path / "c"), fetcher, desc)
+    assert store.path(desc.digest).read_bytes() == data
+    assert fetcher.opens == [desc.digest], "fetched once: the verified ingest was kept"
