@@ -16,7 +16,8 @@ Bytes are served as they land, unverified — except that a complete blob is ser
 digest is checked: the read that finishes a blob waits for the commit. A blob that fails that
 check is discarded; files opened before the failure get EIO from then on, and a new open fetches
 the blob again. A commit the disk refuses (ENOSPC at fsync, labels it cannot write) is no such
-failure: the verified bytes are served from the ingest and kept there for a later mount. ``strict`` serves nothing before the whole blob is verified (containerd's rule).
+failure: the verified bytes are served from the ingest and kept there for a later mount.
+``strict`` serves nothing before the whole blob is verified (containerd's rule).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ A store is split into small capabilities, and code takes the narrowest it needs,
 - :class:`Tags` remembers what a tag last resolved to, for a mount when the registry is away.
 
 :class:`Store` is all of them, what the filesystem's reader and an :class:`~imagefs.image.Image`
-take. Only ``content/`` and the composition roots (cli, fs/mount, pull, gc, fsck, status, copy,
+take. Only ``content/`` and the composition roots (cli, fs/mount, pull, gc, fsck, status, rm, copy,
 run) name ``LocalStore``; ``tests/test_store_conformance.py`` checks these promises on it.
 """
 
