@@ -186,7 +186,8 @@ async def test_a_registry_failure_is_eio(ops, built):
     rootfs = await walk(ops, key(built.manifest), b"rootfs")
     assert await errno_of(ops.lookup(rootfs.st_ino, b"etc", None)) == errno.EIO
     ops.registry.refuse.clear()
-    assert (await walk(ops, key(built.manifest), b"rootfs", b"etc")).st_mode & 0o040000, "and it works once the registry does"
+    etc = await walk(ops, key(built.manifest), b"rootfs", b"etc")
+    assert etc.st_mode & 0o040000, "and it works once the registry does"
 
 
 async def test_an_unexpected_exception_becomes_eio(ops, built):

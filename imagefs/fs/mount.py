@@ -101,7 +101,8 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 try:
                     pyfuse3.init(Operations(tree, reader, passthrough), str(opts.mountpoint), options)
                 except RuntimeError as exc:  # libfuse wrote its reason to stderr, the mount's log
-                    raise MountError(f"cannot mount {opts.mountpoint}: {exc} (libfuse's reason is in the log)") from None
+                    why = f"{exc} (libfuse's reason is in the log)"
+                    raise MountError(f"cannot mount {opts.mountpoint}: {why}") from None
                 served = (reader, layers)
                 if passthrough is not None:
                     passthrough.start()
