@@ -152,6 +152,21 @@ async def test_leaving_the_writer_without_commit_discards_unverified_data(store)
         w.abort(RuntimeError("test"))
 
 
+async def test_leaving_the_writer_after_verification_keeps_the_data(store):
+    """A failure after the bytes were verified (the disk refused the commit) is no reason to fetch
+    them again: the next writer of the ref starts complete."""
+    with pytest.raises(RuntimeError):
+        with store.writer(REF, len(DATA), DIGEST) as w:
+            await w.write_at(0, DATA)
+            await w.verify()
+            raise RuntimeError("commit refused")
+    assert store.path(DIGEST) is None and store.active(REF) is None
+    with store.writer(REF, len(DATA), DIGEST) as w:
+        assert w.complete
+        await w.commit()
+    assert store.read(DIGEST) == DATA
+
+
 # -- Writer: progress and resume ------------------------------------------------------------------
 
 
