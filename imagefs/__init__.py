@@ -7,9 +7,11 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.descriptors` — descriptors, media types, containerd's ref keys, manifest decoding.
 - :mod:`imagefs.registry` — the httpx client: auth flow, the transport (hosts, retries, errors,
   counters), the protocol (resolve, manifests, ranged blob streams), clients from the shared flags.
-- :mod:`imagefs.content` — the content store (cache): protocols and the local store with its
+- :mod:`imagefs.content` — the content store (cache): its capabilities as protocols
+  (:mod:`~imagefs.content.store`: Provider, Ingester, Writer, Manager), the local store with its
   per-ref writer locks (in process and, by flock, across processes), resumable sparse ingests,
-  digest-checked commits and gc labels as ``user.`` xattrs.
+  digest-checked commits and gc labels as ``user.`` xattrs; the cache's paths
+  (:mod:`~imagefs.content.layout`) and label names (:mod:`~imagefs.content.labels`).
 - :mod:`imagefs.handlers` — the port of containerd's ``remotes/handlers.go``: ``fetch`` with
   jittered backoff on a locked ref, labels from a tee of the stream, a concurrent ``dispatch``.
 - :mod:`imagefs.image` — the descriptor graph of one mount, discovered as it is walked.

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from .descriptors import Platform
-from .errors import ImagefsError
+from .errors import ConfigError, ImagefsError, MountError
 from .registry.hosts import default_hosts_dir
 
 log = logging.getLogger("imagefs")
@@ -310,7 +310,9 @@ def _log_file(args) -> Path:
         return args.log_file
     name = hashlib.sha256(str(args.mountpoint.resolve()).encode()).hexdigest()[:12]
     readable = str(args.mountpoint.resolve()).strip("/").replace("/", "_")[-60:] or "root"
-    return args.cache_dir / "logs" / f"{readable}-{name}.log"
+    from .content import layout
+
+    return layout.logs(args.cache_dir) / f"{readable}-{name}.log"
 
 
 def setup_logging(debug: bool, path: Path | None = None, level: int = logging.INFO) -> None:
@@ -423,12 +425,12 @@ def read_password(args) -> str | None:
     if args.username is None and not args.password_stdin:
         return None
     if not (args.username and args.password_stdin):
-        raise ImagefsError("--username and --password-stdin go together (the password is read from stdin)")
+        raise ConfigError("--username and --password-stdin go together (the password is read from stdin)")
     password = sys.stdin.read()
     password = password[:-1] if password.endswith("\n") else password
     password = password[:-1] if password.endswith("\r") else password
     if not password:
-        raise ImagefsError("--password-stdin: no password on stdin")
+        raise ConfigError("--password-stdin: no password on stdin")
     return password
 
 
@@ -470,9 +472,9 @@ def _spawn_background(args, password: str | None = None) -> int:
 def cmd_umount(args) -> int:
     path = args.mountpoint
     if not path.exists():
-        raise ImagefsError(f"{path} does not exist")
+        raise MountError(f"{path} does not exist")
     if not os.path.ismount(path):
-        raise ImagefsError(f"{path} is not a mount point")
+        raise MountError(f"{path} is not a mount point")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-uz" if args.lazy else "-u", str(path)]
@@ -482,5 +484,5 @@ def cmd_umount(args) -> int:
     if done.returncode != 0:
         why = done.stderr.strip() or done.stdout.strip()
         hint = " (a program still uses it: imagefs umount --lazy detaches it now)" if "busy" in why else ""
-        raise ImagefsError(f"cannot unmount {path}: {why}{hint}")
+        raise MountError(f"cannot unmount {path}: {why}{hint}")
     return EXIT_OK

@@ -3,7 +3,9 @@
 ::
 
     ImagefsError
-    ├── InvalidReference      a name that is not a Docker reference
+    ├── InvalidReference      a name that is not a Docker reference, or not oci:DIR[:TAG] -> EINVAL
+    ├── ConfigError           a flag or setting we cannot use      -> EINVAL
+    │   └── HostsConfigError  a hosts.toml or --mirror (the message names the file and field)
     ├── NotFound              no such tag, manifest or blob        -> ENOENT
     ├── AlreadyExists         the blob is committed already        -> EEXIST
     ├── Unavailable           another writer holds the ref         -> EAGAIN
@@ -16,7 +18,16 @@
     ├── InvalidLayer          a layer that is not a tar we can read -> EIO
     │   └── InvalidZtoc       a remote zTOC (SOCI) we refuse: the layer is indexed locally
     ├── PlatformNotFound      --platform names none of the index's -> ENOENT
+    ├── StorageError          the local disk refused: no space, an ingest, a commit's fsync or labels -> EIO
+    ├── WriterClosed          the blob's writer ended (aborted, suspended at unmount) before this write
+    ├── LayoutError           an oci: directory we will not write into (not an OCI index, not sha256)
+    ├── MountError            a mount point we cannot mount on or unmount
+    │   └── FuseUnavailable   /dev/fuse cannot be opened: the message says what to do
+    ├── SeveralErrors         a concurrent walk failed more than once: the first, and how many more
     └── RunError              `imagefs run` cannot start the program (no command, foreign platform, no bwrap)
+
+Which is which matters beyond the message: only a :class:`DigestMismatch` is a failed verification
+(the data is discarded); a :class:`StorageError` at commit keeps verified data for a later try.
 
 Lower layers raise the most specific class with ``raise … from exc``; only
 :mod:`imagefs.fs.operations` turns them into ``pyfuse3.FUSEError``.
@@ -35,6 +46,16 @@ class ImagefsError(Exception):
 
 class InvalidReference(ImagefsError):
     errno = errno.EINVAL
+
+
+class ConfigError(ImagefsError):
+    """A command-line flag, or a file or setting it names, that cannot be used."""
+
+    errno = errno.EINVAL
+
+
+class HostsConfigError(ConfigError):
+    """A hosts.toml or ``--mirror`` that cannot be used; the message names the file and field."""
 
 
 class NotFound(ImagefsError):
@@ -83,6 +104,40 @@ class InvalidZtoc(InvalidLayer):
 
 class PlatformNotFound(ImagefsError):
     errno = errno.ENOENT
+
+
+class StorageError(ImagefsError):
+    """The local disk refused a write the store needs (ENOSPC, EDQUOT, an xattr it cannot set).
+
+    Not a verification failure: bytes already verified stay where they are."""
+
+    errno = errno.EIO
+
+
+class WriterClosed(ImagefsError):
+    """A write to, or a wait on, a writer that has ended: aborted, suspended, or never committed."""
+
+    errno = errno.EIO
+
+
+class LayoutError(ImagefsError):
+    """An OCI image layout directory that ``copy`` will not write into as it stands."""
+
+    errno = errno.EIO
+
+
+class MountError(ImagefsError):
+    """A mount point that cannot be mounted on or unmounted."""
+
+    errno = errno.EIO
+
+
+class FuseUnavailable(MountError):
+    """``/dev/fuse`` cannot be opened (no module, no permission, no device in a container)."""
+
+
+class SeveralErrors(ImagefsError):
+    """Several errors of one concurrent walk, told as one line: the first, and a count of the rest."""
 
 
 class RunError(ImagefsError):

@@ -36,11 +36,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .content import maintenance, mounts, pieces
+from .content import layout, maintenance, mounts, pieces
+from .content.labels import GC_REF, MEDIATYPE, UNCOMPRESSED
 from .content.local import XATTR_PREFIX, LocalStore, default_cache_dir
 from .descriptors import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, children
-from .errors import ImagefsError
-from .handlers import GC_REF, MEDIATYPE_LABEL
+from .errors import ImagefsError, InvalidManifest, NotFound
 from .layers import diffids
 from .units import human
 
@@ -188,7 +188,7 @@ def _listed_diff_ids(store: LocalStore, blobs: dict[str, maintenance.BlobFile]) 
     out: dict[str, list[tuple[str, str, str]]] = {}
     for digest in blobs:
         labels = maintenance.safe_labels(store, digest)
-        if labels.get(MEDIATYPE_LABEL) not in MANIFEST_TYPES:
+        if labels.get(MEDIATYPE) not in MANIFEST_TYPES:
             continue
         refs = [v for _, v in maintenance.ref_labels(labels)]
         config = blobs.get(refs[0]) if refs else None
@@ -208,11 +208,11 @@ def _check_diff_ids(c: _Checker, expected: dict[str, list[tuple[str, str, str]]]
     store = c.store
     names = _image_names(store, good)
     for layer, actual in inflated.items():
-        subject = maintenance.describe(layer, maintenance.safe_labels(store, layer).get(MEDIATYPE_LABEL))
-        label = maintenance.safe_labels(store, layer).get(diffids.LABEL)
+        subject = maintenance.describe(layer, maintenance.safe_labels(store, layer).get(MEDIATYPE))
+        label = maintenance.safe_labels(store, layer).get(UNCOMPRESSED)
         if label and label != actual:
-            c.found(subject, f"label {diffids.LABEL}={label!r}, but it inflates to {actual}",
-                    lambda d=layer, a=actual: store.update_labels(d, {diffids.LABEL: a}), how="labels rewritten")
+            c.found(subject, f"label {UNCOMPRESSED}={label!r}, but it inflates to {actual}",
+                    lambda d=layer, a=actual: store.update_labels(d, {UNCOMPRESSED: a}), how="labels rewritten")
         for manifest, config, diff_id in expected.get(layer, ()):
             if diff_id != actual and manifest in good and config in good:
                 image = f"manifest {manifest}" + (f" ({', '.join(names[manifest])})" if names.get(manifest) else "")
@@ -274,12 +274,12 @@ def _check_labels(c: _Checker, digest: str, blob: maintenance.BlobFile, graph: m
             c.found(subject, f"unreadable labels file {sidecar.name}: {exc}", lambda: sidecar.unlink(missing_ok=True))
             return
     labels = maintenance.safe_labels(store, digest)
-    mt = labels.get(MEDIATYPE_LABEL) or graph.media_types.get(digest)
+    mt = labels.get(MEDIATYPE) or graph.media_types.get(digest)
     fixed = dict(labels)
 
-    if not labels.get(MEDIATYPE_LABEL):
+    if not labels.get(MEDIATYPE):
         if mt:
-            fixed[MEDIATYPE_LABEL] = mt
+            fixed[MEDIATYPE] = mt
         else:
             c.found(subject, "no media type label, and no manifest in the store lists it",
                     lambda: maintenance.remove_blob(store, digest))
@@ -291,7 +291,7 @@ def _check_labels(c: _Checker, digest: str, blob: maintenance.BlobFile, graph: m
     if mt in MANIFEST_TYPES or mt in INDEX_TYPES:
         try:
             if blob.size > MAX_MANIFEST_SIZE:
-                raise ImagefsError(f"{blob.size} bytes is over the manifest size limit")
+                raise InvalidManifest(f"{blob.size} bytes is over the manifest size limit")
             kids = children(Descriptor(mt, digest, blob.size), blob.path.read_bytes())
         except (OSError, ImagefsError) as exc:
             c.found(subject, f"a {mt} that cannot be read: {exc}", lambda: maintenance.remove_blob(store, digest))
@@ -310,7 +310,7 @@ def _check_labels(c: _Checker, digest: str, blob: maintenance.BlobFile, graph: m
                     lambda: _rewrite_labels(store, digest, labels, fixed), how="labels rewritten")
             return
     if fixed != labels:
-        what = [] if labels.get(MEDIATYPE_LABEL) else ["no media type label"]
+        what = [] if labels.get(MEDIATYPE) else ["no media type label"]
         what += [f"label {k}={labels[k]!r} is not a digest" for k in bad_refs]
         c.found(subject, "; ".join(what), lambda: _rewrite_labels(store, digest, labels, fixed), how="labels rewritten")
 
@@ -318,7 +318,7 @@ def _check_labels(c: _Checker, digest: str, blob: maintenance.BlobFile, graph: m
 def _rewrite_labels(store: LocalStore, digest: str, old: dict[str, str], new: dict[str, str]) -> None:
     """Make the blob's labels exactly ``new``: in its xattrs, or a sidecar where they do not fit."""
     sidecar = maintenance.sidecar_path(store, digest)
-    path = store.blobs / digest.split(":", 1)[1]
+    path = layout.blob(store.root, digest)
     if sidecar.exists():
         maintenance.write_sidecar(store, digest, new)
         return
@@ -350,7 +350,7 @@ def _check_ingest(c: _Checker, ingest: maintenance.Ingest, open_files) -> None:
         problem = f"state file is for {state.get('ref')}"
     else:
         try:
-            data = (ingest.path / "data").stat().st_size
+            data = (ingest.path / layout.INGEST_DATA).stat().st_size
             if data > state["size"]:
                 problem = f"data holds {data} bytes, more than the blob's {state['size']}"
         except OSError:
@@ -384,7 +384,7 @@ def report(result: FsckResult, out=sys.stdout) -> None:
 def run(args) -> int:
     root = args.cache_dir or default_cache_dir()
     if not root.is_dir():
-        raise ImagefsError(f"no cache at {root}")
+        raise NotFound(f"no cache at {root}")
     result = check(LocalStore(root), repair=args.repair)
     report(result)
     return EXIT_PROBLEMS if result.problems else EXIT_CLEAN

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .content import filelock, maintenance, mounts, pieces
+from .content import filelock, labels, layout, maintenance, mounts, pieces
 from .content.local import LocalStore, default_cache_dir
 from .units import human
 
@@ -138,7 +138,7 @@ def collect(store: LocalStore, *, dry_run: bool = False, max_size: int | None = 
             (i.mtime, -i.disk_bytes, "ingest", i) for i in suspended if i.digest not in leased]
         candidates += [(p.mtime, -p.size, "pieces", p) for p in kept_pieces if p.layer not in leased]
         for digest, blob in kept.items():
-            mt = graph.media_types.get(digest) or maintenance.safe_labels(store, digest).get("imagefs.mediatype")
+            mt = graph.media_types.get(digest) or maintenance.safe_labels(store, digest).get(labels.MEDIATYPE)
             if digest in leased or not maintenance.is_layer(mt) or now - blob.mtime < grace:
                 continue
             candidates.append((blob.last_used, -blob.size, "blob", blob))
@@ -181,7 +181,7 @@ def _sweep_small_files(store: LocalStore, plan: _Plan, kept: set[str], now: floa
             if orphan and now - _mtime(p) > grace or leftover:
                 plan.remove(Removal("labels", p.name, _size(p), "its blob is gone" if orphan else "left by a dead writer"),
                             lambda p=p: p.unlink(missing_ok=True))
-    locks = Path(store.root) / filelock.LOCKS_DIR
+    locks = layout.locks(store.root)
     if locks.is_dir():
         for p in locks.glob("*.lock"):
             ref = p.name[: -len(".lock")]
@@ -202,7 +202,7 @@ def _sweep_layer_indexes(store: LocalStore, plan: _Plan, reached: set[str], now:
     """``CACHE/indexes/sha256/<hex>.v<N>`` (the files of a layer, built once) go with their layer's last
     reference — not with its blob: an index outlives a layer evicted by ``--max-size``, so a later mount
     lists the layer's files without fetching it whole again."""
-    d = Path(store.root) / "indexes" / "sha256"
+    d = layout.indexes(store.root)
     if not d.is_dir():
         return
     for p in d.iterdir():

@@ -15,16 +15,16 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
 import trio
 
-from .content.local import Writer, now_rfc3339
-from .content.store import Ingester
+from .content import labels
+from .content.labels import now_rfc3339
+from .content.store import Ingester, Writer
 from .descriptors import MAX_MANIFEST_SIZE, Descriptor, check_supported, children, has_children, verify
 from .errors import AlreadyExists, InvalidManifest, Unavailable
 
 log = logging.getLogger(__name__)
 
-GC_ROOT = "containerd.io/gc.root"
-GC_REF = "containerd.io/gc.ref.content."
-MEDIATYPE_LABEL = "imagefs.mediatype"
+# The label names live in content/labels.py; these names are kept for callers that know them here.
+GC_ROOT, GC_REF, MEDIATYPE_LABEL = labels.GC_ROOT, labels.GC_REF, labels.MEDIATYPE
 
 # The backoff of containerd's fetch, in milliseconds.
 RETRY_START_MS = 16
@@ -76,12 +76,12 @@ async def acquire(ingester: Ingester, desc: Descriptor) -> Writer | None:
 
 def commit_labels(desc: Descriptor, kids: list[Descriptor], root: bool) -> dict[str, str]:
     """The labels containerd's ``commitOpts`` records, plus the media type (a blob alone has none)."""
-    labels = {MEDIATYPE_LABEL: desc.media_type}
+    out = {labels.MEDIATYPE: desc.media_type}
     if root:
-        labels[GC_ROOT] = now_rfc3339()
+        out[labels.GC_ROOT] = now_rfc3339()
     for i, child in enumerate(kids):
-        labels[f"{GC_REF}{i}"] = child.digest
-    return labels
+        out[labels.gc_ref(i)] = child.digest
+    return out
 
 
 async def fetch(ingester: Ingester, fetcher: Fetcher, desc: Descriptor, *, root: bool = False) -> None:
@@ -101,12 +101,13 @@ async def copy(writer: Writer, fetcher: Fetcher, desc: Descriptor, *, root: bool
     tee = bytearray() if has_children(desc) else None
     # A blob resumes after what an earlier process left; a manifest is re-read whole for the tee.
     pos = 0 if tee is not None else writer.offset
-    async with fetcher.open(desc, pos) as stream:
-        async for chunk in stream:
-            await writer.write_at(pos, chunk)
-            pos += len(chunk)
-            if tee is not None:
-                tee += chunk
+    if pos == 0 or pos < desc.size:  # a verified ingest kept after a refused commit needs no byte more
+        async with fetcher.open(desc, pos) as stream:
+            async for chunk in stream:
+                await writer.write_at(pos, chunk)
+                pos += len(chunk)
+                if tee is not None:
+                    tee += chunk
     kids: list[Descriptor] = []
     if tee is not None:
         verify(desc, bytes(tee))  # never parse bytes we cannot vouch for

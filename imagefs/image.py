@@ -13,11 +13,12 @@ from typing import Callable
 
 import trio
 
-from .content.local import LocalStore, now_rfc3339
+from .content.labels import GC_ROOT, MEDIATYPE, now_rfc3339
+from .content.store import Store
 from .descriptors import (LAYER_TYPES, Descriptor, Platform, children, has_children, is_index, is_soci_index,
                           sniff_media_type)
 from .errors import PlatformNotFound, RegistryUnreachable
-from .handlers import GC_ROOT, Fetcher, dispatch, fetch
+from .handlers import Fetcher, dispatch, fetch
 from .reference import Reference
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class Image:
 
     def __init__(
         self,
-        store: LocalStore,
+        store: Store,
         fetcher: Fetcher,
         root: Descriptor,
         *,
@@ -118,7 +119,7 @@ class Image:
             await fetch(self.store, self.fetcher, desc, root=desc.digest == self.root.digest)
 
 
-async def resolve_root(store: LocalStore, client, ref: Reference) -> Descriptor:
+async def resolve_root(store: Store, client, ref: Reference) -> Descriptor:
     """The root descriptor for ``ref``: asked of the registry, else what the cache remembers.
 
     A tag's resolution is remembered so that a later mount works offline, as ``docker run``
@@ -126,7 +127,7 @@ async def resolve_root(store: LocalStore, client, ref: Reference) -> Descriptor:
     """
     if ref.digest and store.path(ref.digest) is not None:
         data = store.read(ref.digest)
-        media_type = store.labels(ref.digest).get("imagefs.mediatype") or sniff_media_type(data, None)
+        media_type = store.labels(ref.digest).get(MEDIATYPE) or sniff_media_type(data, None)
         return Descriptor(media_type, ref.digest, len(data))
     try:
         root = await client.resolve()

@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable
 import trio
 
 from .descriptors import OCI_INDEX, SHA256_RE, Descriptor
-from .errors import DigestMismatch, ImagefsError
+from .errors import DigestMismatch, ImagefsError, InvalidReference, LayoutError, StorageError
 from .units import human
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -64,9 +64,9 @@ def parse_destination(text: str) -> tuple[Path, str] | None:
     if not sep or "/" in tag:
         path, tag = rest, DEFAULT_TAG
     if not path:
-        raise ImagefsError(f"{text}: oci: needs a directory (oci:DIR[:TAG])")
+        raise InvalidReference(f"{text}: oci: needs a directory (oci:DIR[:TAG])")
     if not tag:
-        raise ImagefsError(f"{text}: empty tag after the last ':'")
+        raise InvalidReference(f"{text}: empty tag after the last ':'")
     return Path(path), tag
 
 
@@ -103,7 +103,7 @@ class OciLayout:
 
     def _path(self, digest: str) -> Path:
         if not SHA256_RE.match(digest):
-            raise ImagefsError(f"{digest}: an OCI layout here holds sha256 blobs only")
+            raise LayoutError(f"{digest}: an OCI layout here holds sha256 blobs only")
         return self.blobs / digest.split(":", 1)[1]
 
     async def blob_exists(self, desc: Descriptor) -> bool:
@@ -183,9 +183,9 @@ class OciLayout:
             except FileNotFoundError:
                 doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
             except ValueError as exc:
-                raise ImagefsError(f"{path}: not JSON ({exc}); not overwriting it") from exc
+                raise LayoutError(f"{path}: not JSON ({exc}); not overwriting it") from exc
             if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
-                raise ImagefsError(f"{path}: not an OCI index; not overwriting it")
+                raise LayoutError(f"{path}: not an OCI index; not overwriting it")
             entry = {**desc.to_json(), "annotations": {REF_NAME: tag}}
             doc["manifests"] = [m for m in doc["manifests"]
                                 if not (isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == tag)]
@@ -197,9 +197,9 @@ class OciLayout:
 
     def _os_error(self, exc: OSError, what: str) -> ImagefsError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ImagefsError(f"no space left on the device of {self.root} writing {what}; "
+            return StorageError(f"no space left on the device of {self.root} writing {what}; "
                                 "nothing half-written was left: free space and run the copy again")
-        return ImagefsError(f"{self.root}: cannot write {what}: {exc.strerror or exc}")
+        return StorageError(f"{self.root}: cannot write {what}: {exc.strerror or exc}")
 
 
 def _write_and_hash(fd: int, data: bytes, hasher) -> None:

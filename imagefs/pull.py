@@ -35,9 +35,10 @@ from typing import AsyncIterator, Protocol
 import trio
 
 from .content import maintenance
+from .content.labels import UNCOMPRESSED
 from .content.local import LocalStore, default_cache_dir
 from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
-from .errors import ImagefsError
+from .errors import ImagefsError, SeveralErrors, StorageError
 from .handlers import Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .layers import diffids
@@ -249,7 +250,7 @@ class Uncompressed:
         if layer.digest in self._started:
             return
         self._started.add(layer.digest)
-        label = maintenance.safe_labels(self.store, layer.digest).get(diffids.LABEL)
+        label = maintenance.safe_labels(self.store, layer.digest).get(UNCOMPRESSED)
         if label:
             self.found[layer.digest] = label
             return
@@ -292,7 +293,7 @@ def _inflate(store: LocalStore, digest: str) -> str | None:
     if actual != digest or uncompressed is None:  # fsck's to report; nothing to compare
         return None
     try:
-        store.update_labels(digest, {diffids.LABEL: uncompressed})
+        store.update_labels(digest, {UNCOMPRESSED: uncompressed})
     except OSError as exc:
         log.debug("could not label %s with its uncompressed digest: %s", digest, exc)
     return uncompressed
@@ -308,7 +309,7 @@ def run_verb(main):
             raise
         first = errors[0]
         more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ImagefsError(one_line(first) + more) from exc
+        raise SeveralErrors(one_line(first) + more) from exc
 
 
 def one_line(exc: BaseException) -> str:
@@ -367,7 +368,7 @@ def run_pull(args) -> int:
     try:
         result = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"pull {args.ref}: {one_line(exc)}") from exc
+        raise StorageError(f"pull {args.ref}: {one_line(exc)}") from exc
     finally:
         progress.close()
     for desc, err in result.failed:
@@ -462,7 +463,7 @@ def run_inspect(args) -> int:
     try:
         doc = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"inspect {args.ref}: {one_line(exc)}") from exc
+        raise StorageError(f"inspect {args.ref}: {one_line(exc)}") from exc
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

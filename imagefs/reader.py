@@ -15,7 +15,9 @@ request before the current one runs dry — also while it is served from bytes t
 Bytes are served as they land, unverified — except that a complete blob is served only after its
 digest is checked: the read that finishes a blob waits for the commit. A blob that fails that
 check is discarded; files opened before the failure get EIO from then on, and a new open fetches
-the blob again. ``strict`` serves nothing before the whole blob is verified (containerd's rule).
+the blob again. A commit the disk refuses (ENOSPC at fsync, labels it cannot write) is no such
+failure: the verified bytes are served from the ingest and kept there for a later mount.
+``strict`` serves nothing before the whole blob is verified (containerd's rule).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .content.local import LocalStore, Writer
+from .content import labels
 from .content.ranges import RangeSet
+from .content.store import Store, Writer
 from .descriptors import Descriptor
-from .errors import AlreadyExists, DigestMismatch, ImagefsError, RegistryError, Unavailable
-from .handlers import MEDIATYPE_LABEL, Backoff, Fetcher
+from .errors import AlreadyExists, DigestMismatch, ImagefsError, NotFound, RegistryError, StorageError, Unavailable
+from .handlers import Backoff, Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +99,13 @@ class _Blob:
     hashing: bool = False
     committing: bool = False
     recording: bool = False
+    failed: ImagefsError | None = None  # a commit the disk refused: not retried by this mount
 
 
 class BlobReader:
     """Reads of layer blobs for one mount; fetches run in the mount's nursery."""
 
-    def __init__(self, store: LocalStore, fetcher: Fetcher, nursery: trio.Nursery, *, strict: bool = False, span: int = SPAN) -> None:
+    def __init__(self, store: Store, fetcher: Fetcher, nursery: trio.Nursery, *, strict: bool = False, span: int = SPAN) -> None:
         self.store = store
         self.fetcher = fetcher
         self.nursery = nursery
@@ -151,7 +155,7 @@ class BlobReader:
         if fd is None:
             path = self.store.path(desc.digest)
             if path is None:
-                raise ImagefsError(f"{desc.ref_key} is not committed")
+                raise NotFound(f"{desc.ref_key} is not committed")
             if len(self._fds) >= MAX_OPEN_BLOBS:
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[desc.digest] = os.open(path, os.O_RDONLY)
@@ -199,6 +203,8 @@ class BlobReader:
                 self._count(data, "ingest_hits")
                 return data
             if writer.complete:
+                if blob.failed is not None:
+                    raise blob.failed  # complete, yet neither verified nor committed: waiting cannot help
                 self._start_commit(blob)
             else:
                 self._schedule(blob, offset, end, handle.window if sequential else 0)
@@ -372,18 +378,26 @@ class BlobReader:
 
     async def _commit(self, blob: _Blob) -> None:
         desc, writer = blob.desc, blob.writer
+        kept = False
         try:
             await writer.verify()  # readers waiting for the last bytes are served from here on
             with trio.CancelScope(shield=True):  # an unmount lets a verified blob finish committing
-                await writer.commit({MEDIATYPE_LABEL: desc.media_type})
+                await writer.commit({labels.MEDIATYPE: desc.media_type})
             log.info("committed %s (%d bytes)", desc.ref_key, desc.size)
-        except Exception as exc:
+        except DigestMismatch as exc:
             self._s["verify_failures"] += 1
             self._failures[desc.digest] = self._failures.get(desc.digest, 0) + 1
             log.error("%s discarded: %s", desc.ref_key, exc)
             writer.abort(exc)
+        except Exception as exc:
+            # The bytes were not found wrong: the disk refused them. Keep the blob (and its writer)
+            # for this mount — verified bytes are served from the ingest — and the ingest for the next.
+            blob.failed = exc if isinstance(exc, ImagefsError) else StorageError(f"{desc.ref_key}: {exc!r}")
+            kept = True
+            served = "serving it from the ingest, " if writer.verified else ""
+            log.error("%s not committed: %s; %skept for a later mount", desc.ref_key, exc, served)
         finally:
-            if self._blobs.get(desc.digest) is blob:
+            if not kept and self._blobs.get(desc.digest) is blob:
                 del self._blobs[desc.digest]
             writer.notify()
 
@@ -401,6 +415,8 @@ class BlobReader:
             blob = self._blobs.get(desc.digest) or await self._acquire(desc)
             if blob is None:
                 return
+            if blob.failed is not None:
+                raise blob.failed
             if seen is None or seen[0] is not blob:
                 seen = (blob, blob.serial)
             elif blob.serial > seen[1]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .content import maintenance, mounts
 from .content.local import LocalStore, default_cache_dir
 from .errors import ImagefsError, NotFound
-from .handlers import GC_ROOT
+from .content.labels import GC_ROOT
 from .reference import parse
 
 

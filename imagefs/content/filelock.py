@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Unavailable
-
-LOCKS_DIR = "locks"
+from . import layout
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ class Lock:
 def lock_path(store_root: Path, ref: str) -> Path:
     if not ref or "/" in ref or ref.startswith("."):
         raise ValueError(f"not a ref key: {ref!r}")
-    return Path(store_root) / LOCKS_DIR / f"{ref}.lock"
+    return layout.lock(store_root, ref)
 
 
 def try_lock(store_root: Path, ref: str) -> Lock | None:

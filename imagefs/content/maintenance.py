@@ -32,10 +32,10 @@ from ..descriptors import (
     ref_key,
     sniff_media_type,
 )
-from ..errors import ImagefsError
-from ..handlers import GC_REF, GC_ROOT, MEDIATYPE_LABEL
-from . import filelock
 from ..descriptors import SHA256_RE
+from ..errors import ImagefsError
+from . import filelock, layout
+from .labels import GC_REF, GC_ROOT, MEDIATYPE
 from .local import LocalStore
 
 HEX_RE = re.compile(r"^[a-f0-9]{64}$")
@@ -100,11 +100,11 @@ def stray_blob_entries(store: LocalStore) -> list[Path]:
 
 
 def sidecar_dir(store: LocalStore) -> Path:
-    return store.root / "labels" / "sha256"
+    return layout.sidecars(store.root)
 
 
 def sidecar_path(store: LocalStore, digest: str) -> Path:
-    return sidecar_dir(store) / f"{digest.split(':', 1)[1]}.json"
+    return layout.sidecar(store.root, digest)
 
 
 def safe_labels(store: LocalStore, digest: str) -> dict[str, str]:
@@ -128,7 +128,7 @@ def ref_labels(labels: dict[str, str]) -> list[tuple[int, str]]:
 
 def media_type(store: LocalStore, blob: BlobFile, labels: dict[str, str]) -> str | None:
     """The blob's media type: its label, else sniffed from a small JSON body."""
-    mt = labels.get(MEDIATYPE_LABEL)
+    mt = labels.get(MEDIATYPE)
     if mt:
         return mt
     if blob.size > MAX_MANIFEST_SIZE:
@@ -146,7 +146,7 @@ def parsed_children(store: LocalStore, digest: str, mt: str | None, size: int) -
         return None
     if size > MAX_MANIFEST_SIZE:
         return None
-    path = store.blobs / digest.split(":", 1)[1]
+    path = layout.blob(store.root, digest)
     try:
         data = path.read_bytes()
         return children(Descriptor(mt, digest, len(data)), data)
@@ -213,12 +213,7 @@ def describe(digest: str, mt: str | None) -> str:
 
 def remove_blob(store: LocalStore, digest: str) -> None:
     """Delete a committed blob and its sidecar labels (a reader with it open keeps its bytes)."""
-    hex_ = digest.split(":", 1)[1]
-    for p in (store.blobs / hex_, sidecar_path(store, digest)):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    store.delete(digest)
 
 
 def write_sidecar(store: LocalStore, digest: str, labels: dict[str, str]) -> None:
@@ -238,7 +233,7 @@ def touch(store: LocalStore, digests: Iterable[str]) -> None:
     """
     now = time.time()
     for digest in digests:
-        p = store.blobs / digest.split(":", 1)[1]
+        p = layout.blob(store.root, digest)
         try:
             st = p.stat()
             os.utime(p, (now, st.st_mtime))
@@ -261,7 +256,7 @@ def ingests(store: LocalStore) -> list[Ingest]:
             out.append(Ingest(entry.name, path, None, _disk_bytes(path), _mtime(path)))
             continue
         try:
-            state = json.loads((path / "state").read_text())
+            state = json.loads((path / layout.INGEST_STATE).read_text())
             if not isinstance(state, dict):
                 state = None
         except (OSError, ValueError):
@@ -373,7 +368,7 @@ class TagRecord:
 
 def tag_records(store: LocalStore) -> list[TagRecord]:
     """``CACHE/refs/<registry>/<repository>/<tag>.json``: what each tag last resolved to."""
-    base = store.root / "refs"
+    base = layout.refs(store.root)
     out = []
     if not base.is_dir():
         return out

@@ -21,15 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from . import maintenance
-from .local import LocalStore, now_rfc3339
+from . import layout, maintenance
+from .labels import now_rfc3339
+from .local import LocalStore
 
 if TYPE_CHECKING:
     from ..image import Image
 
 log = logging.getLogger(__name__)
-
-MOUNTS_DIR = "mounts"
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class MountRecord:
 
 
 def mounts_dir(store_root: Path) -> Path:
-    return Path(store_root) / MOUNTS_DIR
+    return layout.mounts(store_root)
 
 
 def _proc_start(pid: int) -> int | None:
@@ -117,7 +116,7 @@ def register(store_root: Path, *, ref: str, mountpoint: Path, root_digest: str, 
     record = MountRecord(
         pid=pid, ref=ref, mountpoint=str(mountpoint), root=root_digest, root_media_type=root_media_type,
         selected=tuple(selected), started=now_rfc3339(), proc_start=_proc_start(pid), boot_id=_boot_id(),
-        path=mounts_dir(store_root) / f"{pid}.json",
+        path=layout.mount_record(store_root, pid),
     )
     assert record.path is not None
     record.path.parent.mkdir(parents=True, exist_ok=True)

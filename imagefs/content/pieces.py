@@ -24,13 +24,15 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import layout
+
 log = logging.getLogger(__name__)
 
 HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def layer_dir(root: Path | str, layer_digest: str) -> Path:
-    return Path(root) / "pieces" / "sha256" / layer_digest.partition(":")[2]
+    return layout.pieces_of(root, layer_digest)
 
 
 class Pieces:
@@ -90,7 +92,7 @@ class Kept:
 
 def kept(root: Path | str) -> list[Kept]:
     """Every layer's kept pieces, one directory listing each."""
-    base = Path(root) / "pieces" / "sha256"
+    base = layout.pieces(root)
     try:
         dirs = list(base.iterdir())
     except OSError:

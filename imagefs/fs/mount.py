@@ -6,6 +6,7 @@ exists, so ``imagefs mount … && ls MOUNTPOINT`` works; SIGINT/SIGTERM end it c
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import trio
 from ..content.local import LocalStore
 from ..content.mounts import registered
 from ..descriptors import Descriptor, Platform
-from ..errors import ImagefsError
+from ..errors import FuseUnavailable, ImagefsError, MountError
 from ..handlers import dispatch
 from ..image import Image, resolve_root
 from ..layers.remote import RemoteIndexes
@@ -33,6 +34,8 @@ from .passthrough import Passthrough
 from .tree import Tree
 
 log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
 
 
 @dataclass
@@ -56,19 +59,20 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     """Mount ``opts.ref`` at ``opts.mountpoint`` and serve until unmounted or signalled."""
     ref = parse(opts.ref)
     check_mountpoint(opts.mountpoint)
+    check_fuse_device()  # before any network: a mount that cannot happen says so at once
     store = LocalStore(opts.cache_dir)
     async with make_client(ref, opts.registry) as client:
         root = await resolve_root(store, client, ref)
         log.info("%s resolved to %s", ref, root.ref_key)
         image = Image(store, client, root, platform=opts.platform, all_platforms=opts.all_platforms)
         await image.open()
-        tree = Tree(image, tag=ref.tag)
         served: tuple[BlobReader, Layers] | None = None
         try:
             async with registered(store, str(ref), opts.mountpoint, image), trio.open_nursery() as nursery:
                 reader = BlobReader(store, client, nursery, strict=opts.strict, span=opts.span or SPAN)
                 remote = None if opts.strict else RemoteIndexes(image, store, client, client, v1=opts.remote_index)
-                layers = Layers(reader, remote)
+                layers = Layers(reader, remote, cache_dir=opts.cache_dir)
+                tree = Tree(image, layers, tag=ref.tag)
                 if opts.index:
                     await _index(image, layers)
                 options = set(pyfuse3.default_options)
@@ -80,7 +84,11 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 passthrough = Passthrough(opts.cache_dir) if opts.passthrough else None
                 parts = {"reader": reader, "store": store, "registry": client, "layers": layers,
                          "fuse_passthrough": passthrough}  # not "passthrough": a reader key of that name came first
-                pyfuse3.init(Operations(tree, reader, layers, passthrough, parts), str(opts.mountpoint), options)
+                try:
+                    pyfuse3.init(Operations(tree, reader, passthrough, parts), str(opts.mountpoint), options)
+                except RuntimeError as exc:  # libfuse wrote its reason to stderr, the mount's log
+                    why = f"{exc} (libfuse's reason is in the log)"
+                    raise MountError(f"cannot mount {opts.mountpoint}: {why}") from None
                 served = (reader, layers)
                 if passthrough is not None:
                     passthrough.start()
@@ -101,6 +109,25 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
             # have ended, so whoever waits for this line finds the cache as the mount left it.
             if served is not None:
                 log.info("unmounted %s: %s; %s", opts.mountpoint, served[0].statistics(), served[1].stats)
+
+
+def check_fuse_device(device: str | None = None) -> None:
+    """Refuse in one line, saying what to do, when the kernel's FUSE device cannot be opened.
+
+    libfuse opens it before it mounts and, failing, says only "fuse_session_mount failed" after a
+    line on stderr; a user should not have to read a log to learn the module is not loaded.
+    """
+    device = device or FUSE_DEVICE
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            todo = "load the fuse module (modprobe fuse); in a container, pass the device (--device /dev/fuse)"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            todo = "run as root, or give this user read-write access to it (the fuse group on some systems)"
+        else:
+            todo = "check that FUSE works on this machine (modprobe fuse; in a container --device /dev/fuse)"
+        raise FuseUnavailable(f"cannot open {device}: {exc.strerror or exc} — {todo}") from None
 
 
 async def _prefetch(image: Image, reader: BlobReader) -> None:

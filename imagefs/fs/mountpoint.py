@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ImagefsError
+from ..errors import MountError
 
 
 def check_mountpoint(path: Path) -> None:
     """Refuse, before any network, a mount point a user cannot mean."""
     if not path.exists():
-        raise ImagefsError(f"mount point {path} does not exist")
+        raise MountError(f"mount point {path} does not exist")
     if not path.is_dir():
-        raise ImagefsError(f"mount point {path} is not a directory")
+        raise MountError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
-        raise ImagefsError(f"{path} is already a mount point (imagefs umount {path} first)")
+        raise MountError(f"{path} is already a mount point (imagefs umount {path} first)")

@@ -21,8 +21,7 @@ import pyfuse3
 
 from ..descriptors import LAYER_TYPES, has_children
 from ..errors import ImagefsError
-from ..handlers import GC_REF, GC_ROOT
-from ..layers.service import Layers
+from ..content.labels import GC_REF, GC_ROOT
 from ..reader import BlobReader, Handle
 from ..statistics import HasStatistics, collect
 from .passthrough import INODE_MASK, Passthrough
@@ -64,13 +63,14 @@ def _fuse_errors(cls):
 class Operations(pyfuse3.Operations):
     """Answers the kernel from a :class:`Tree`; blobs come through a :class:`BlobReader`."""
 
-    def __init__(self, tree: Tree, reader: BlobReader, layers: Layers | None = None,
-                 passthrough: Passthrough | None = None, parts: Mapping[str, HasStatistics | None] | None = None) -> None:
-        """``parts``: what ``user.imagefs.statistics`` shows, one key each (:mod:`imagefs.statistics`)."""
+    def __init__(self, tree: Tree, reader: BlobReader, passthrough: Passthrough | None = None,
+                 parts: Mapping[str, HasStatistics | None] | None = None) -> None:
+        """``tree`` brings the image and the :class:`Layers` its views read; ``parts``: what
+        ``user.imagefs.statistics`` shows, one key each (:mod:`imagefs.statistics`)."""
         super().__init__()
         self.tree = tree
         self.reader = reader
-        self.layers = tree.layers = layers or Layers(reader)
+        self.layers = tree.layers
         self.image = tree.image
         self.mtime_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()

@@ -16,10 +16,12 @@ from types import MappingProxyType
 import pyfuse3
 
 from ..descriptors import LAYER_TYPES, OCI_INDEX, Descriptor, has_children, is_manifest
+from ..errors import NotFound
 from ..image import Image
+from ..layers.entries import DIR, SYMLINK
 from ..layers.merge import Item
 from ..layers.service import Layers
-from .views import View, populate
+from .views import View
 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
@@ -73,11 +75,15 @@ class Node:
 
 
 class Tree:
-    """Nodes for one :class:`Image`; listens to it so new descriptors appear at once."""
+    """Nodes for one :class:`Image`; listens to it so new descriptors appear at once.
 
-    def __init__(self, image: Image, tag: str | None = None) -> None:
+    ``layers`` indexes the layers that ``fs/`` and ``rootfs/`` list; without it (a test of the
+    descriptor graph alone) those directories cannot be opened.
+    """
+
+    def __init__(self, image: Image, layers: Layers | None = None, *, tag: str | None = None) -> None:
         self.image = image
-        self.layers: Layers | None = None  # set by Operations: what reads layer indexes
+        self.layers = layers
         self.nodes: list[Node] = []  # inode n is nodes[n - ROOT_INODE]: numbered in order of creation
         # directory inode -> its parent's, for ``..`` (kept for directories only: files are most nodes)
         self.parents: dict[int, int] = {}
@@ -153,15 +159,49 @@ class Tree:
         self.expanded.add(desc.ref_key)
 
     def _view(self, parent: Node, name: bytes, view: View) -> None:
-        """A view's top directory; its entries are listed on first look (:func:`views.populate`)."""
+        """A view's top directory; its entries are listed on first look (:meth:`_populate`)."""
         node = self._dir(parent, name)
         node.view, node.pending = view, True
+
+    async def _populate(self, node: Node) -> None:
+        """Give a view directory its entries (the first time anyone looks inside it).
+
+        The merged tree hands each directory's entries over as they become inodes
+        (:meth:`Merged.take`), so an image browsed whole is held once, as inodes, not twice.
+        """
+        view = node.view
+        if self.layers is None:
+            raise NotFound(f"{node.path or 'a layer view'}: this tree reads no layers")
+        async with view.lock:
+            if not node.pending:
+                return
+            merged = await view.load(self.layers, self.image)
+            kids = node.kids = []
+            for path, item in merged.take(node.path):
+                child = view.links.get(item.key) if item.key is not None else None
+                if child is None:
+                    entry = item.entry
+                    child = self._new(entry.st_mode, item=item, view=view)
+                    if entry.kind == DIR:
+                        child.pending = True
+                        self.parents[child.inode] = node.inode
+                        below = merged.children.get(path, ())
+                        child.nlink = 2 + sum(merged.items[k].entry.kind == DIR for k in below)
+                    elif entry.kind == SYMLINK:
+                        child.target = entry.target.encode("utf-8", "surrogateescape")
+                    if item.key is not None:
+                        child.nlink = merged.nlink[item.key]
+                        view.links[item.key] = child
+                # named by its entry's path, as listing() does, unless it is a hard link seen by another name
+                name = path.rpartition("/")[2].encode("utf-8", "surrogateescape")
+                kids.append(child if child.item.entry.path == path else (name, child))
+            node.pending = False
 
     async def expand(self, node: Node) -> None:
         """Make sure a directory lists its entries: a manifest's or index's children (fetching it if
         needed), or a view directory's files (indexing its layers if needed)."""
         if node.pending:
-            await populate(self, node)
+            await self._populate(node)
             return
         desc = node.desc
         if desc is None or not node.is_dir or not has_children(desc) or desc.ref_key in self.expanded:

@@ -23,10 +23,11 @@ import zlib
 
 import zstandard
 
+from ..content import labels
 from .entries import GZIP, ZSTD, sniff
 
 #: containerd's label for a compressed layer's diff_id, set once imagefs has inflated it.
-LABEL = "containerd.io/uncompressed"
+LABEL = labels.UNCOMPRESSED
 BUFFER = 1 << 20
 #: what a stream that does not inflate raises (gzip's BadGzipFile is an OSError)
 INFLATE_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from ..content import layout
+
 log = logging.getLogger(__name__)
 
 VERSION = 3  # 2: members stored as columns; 3: mtimes in integer ns (they were float seconds)
@@ -101,7 +103,7 @@ class LayerIndex:
 
 
 def index_path(root: Path, digest: str) -> Path:
-    return root / "indexes" / "sha256" / f"{digest.partition(':')[2]}.v{VERSION}"
+    return layout.layer_index(root, digest, f"v{VERSION}")
 
 
 # The columns of the on-disk form, in Entry's field order (xattrs are kept apart: few members have any).

@@ -27,11 +27,12 @@ import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 import zstandard
 
-from ..content.local import LocalStore
+from ..content.store import Store
 from ..content.pieces import Pieces
 from ..descriptors import Descriptor
 from ..errors import DigestMismatch, InvalidLayer
@@ -86,10 +87,11 @@ class _NotThisFormat(Exception):
 class TocLayers:
     """TOC-indexed layers of one mount: their indexes, and their files' bytes chunk by chunk."""
 
-    def __init__(self, store: LocalStore, fetcher: Fetcher, stats: TocStatistics | None = None,
+    def __init__(self, store: Store, fetcher: Fetcher, cache_dir: Path, stats: TocStatistics | None = None,
                  nursery: trio.Nursery | None = None) -> None:
+        """``cache_dir``: where verified TOCs and chunks are kept beside the store (:mod:`..content.layout`)."""
         self.store, self.fetcher, self.nursery = store, fetcher, nursery
-        self.root = store.root
+        self.root = Path(cache_dir)
         self.tocs: dict[str, TocIndex] = {}
         self.stats = stats or TocStatistics()
         self._kept: OrderedDict[tuple, bytes] = OrderedDict()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..content.local import LocalStore
+from ..content.store import Store
 from ..descriptors import (SOCI_INDEX_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2, SOCI_LAYER_DIGEST, SOCI_MANIFEST_DIGEST,
                            Descriptor, annotation, children, is_manifest, is_soci_index)
 from ..errors import ImagefsError, InvalidManifest, NotFound
@@ -65,7 +65,7 @@ class RemoteIndexes:
     """zTOCs for the layers of one image. ``referrers`` is the registry client (``referrers``,
     ``resolve``, ``fetch_manifest``); ``v1=False`` refuses unbound referrers."""
 
-    def __init__(self, image, store: LocalStore, fetcher: Fetcher, referrers, *, v1: bool = True) -> None:
+    def __init__(self, image, store: Store, fetcher: Fetcher, referrers, *, v1: bool = True) -> None:
         self.image, self.store, self.fetcher, self.client, self.v1 = image, store, fetcher, referrers, v1
         self.stats = RemoteStatistics()
         self._found: dict[str, Found] = {}

@@ -30,9 +30,11 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
+from ..content import labels
 from ..content.pieces import Pieces
 from ..descriptors import Descriptor, is_manifest
 from ..errors import ImagefsError, InvalidLayer, RegistryError
@@ -144,16 +146,18 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
 class Layers:
     """Indexes and file reads for the layers of one mount."""
 
-    def __init__(self, reader: BlobReader, remote_indexes: remote.RemoteIndexes | None = None) -> None:
-        """``remote_indexes``: where zTOCs published in the registry are found (None: never looked for)."""
+    def __init__(self, reader: BlobReader, remote_indexes: remote.RemoteIndexes | None = None, *,
+                 cache_dir: Path) -> None:
+        """``remote_indexes``: where zTOCs published in the registry are found (None: never looked for);
+        ``cache_dir``: where layer indexes and verified pieces are kept beside the store."""
         self.reader = reader
-        self.root = reader.store.root
+        self.root = Path(cache_dir)
         self._indexes: dict[str, LayerIndex] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._gz: dict[str, zran.RandomAccess] = {}
         self._zstd: dict[str, _ZstdCursor] = {}
         self.stats = LayerStatistics()
-        self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.stats.toc, reader.nursery)
+        self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.root, self.stats.toc, reader.nursery)
         self.remote = remote_indexes
         if remote_indexes is not None:
             remote_indexes.stats = self.stats.remote
@@ -217,7 +221,7 @@ class Layers:
     def _label(self, digest: str, uncompressed: str) -> None:
         """Tell later pulls what the layer inflates to (containerd's label), so they need not inflate it."""
         try:
-            self.reader.store.update_labels(digest, {diffids.LABEL: uncompressed})
+            self.reader.store.update_labels(digest, {labels.UNCOMPRESSED: uncompressed})
         except OSError as exc:
             log.debug("could not label %s with its uncompressed digest: %s", digest, exc)
 
@@ -299,7 +303,7 @@ class Layers:
         earlier read, else one Range request (a verified span is then kept)."""
         store, fetcher, stats = self.reader.store, self.reader.fetcher, self.stats
         digests = {s[0]: s[1] for s in index.spans}  # start -> sha256 of the span: SpanFile asks whole spans
-        pieces = Pieces(store.root, desc.digest)
+        pieces = Pieces(self.root, desc.digest)
 
         async def fetch(start: int, end: int) -> bytes:
             parts = []

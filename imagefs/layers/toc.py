@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..content import layout
 from ..errors import InvalidLayer
 from . import tarindex
 from .entries import LayerIndex
@@ -329,7 +330,7 @@ def _finish(b: _Builder, data_end: int) -> None:
 # -- the cache ---------------------------------------------------------------------------------
 
 def toc_path(root: Path, digest: str) -> Path:
-    return Path(root) / "indexes" / "sha256" / f"{digest.partition(':')[2]}.toc.v{VERSION}"
+    return layout.layer_index(root, digest, f"toc.v{VERSION}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import ImagefsError
+from ..errors import HostsConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-class HostsConfigError(ImagefsError):
-    """A hosts.toml or ``--mirror`` that cannot be used; the message names the file and field."""
 
 
 @dataclass(frozen=True)
