@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..errors import ImagefsError
+from ..errors import ConfigError
 from ..reference import Reference
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def ssl_context(ca_file: str | None = None, insecure: bool = False, cert_dir: st
     try:
         ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
     except (OSError, ssl.SSLError) as exc:
-        raise ImagefsError(f"--ca-file {ca_file}: cannot load a CA bundle from it: {_ssl_reason(exc)}") from exc
+        raise ConfigError(f"--ca-file {ca_file}: cannot load a CA bundle from it: {_ssl_reason(exc)}") from exc
     if cert_dir:
         _load_cert_dir(ctx, Path(cert_dir))
     if insecure:
@@ -288,33 +288,33 @@ def ssl_context(ca_file: str | None = None, insecure: bool = False, cert_dir: st
 
 def _load_cert_dir(ctx: ssl.SSLContext, directory: Path) -> None:
     if not directory.is_dir():
-        raise ImagefsError(f"--cert-dir {directory}: not a directory")
+        raise ConfigError(f"--cert-dir {directory}: not a directory")
     for crt in sorted(directory.glob("*.crt")):
         try:
             ctx.load_verify_locations(cafile=str(crt))
         except (OSError, ssl.SSLError) as exc:
-            raise ImagefsError(f"{crt}: not a CA certificate: {_ssl_reason(exc)}") from exc
+            raise ConfigError(f"{crt}: not a CA certificate: {_ssl_reason(exc)}") from exc
     certs = sorted(directory.glob("*.cert"), key=lambda p: (p.name != "client.cert", p.name))
     for key in sorted(directory.glob("*.key")):
         if not key.with_suffix(".cert").exists():
-            raise ImagefsError(f"{key}: no matching client certificate {key.with_suffix('.cert').name}")
+            raise ConfigError(f"{key}: no matching client certificate {key.with_suffix('.cert').name}")
     if not certs:
         return
     cert = certs[0]
     key = cert.with_suffix(".key")
     if not key.exists():
-        raise ImagefsError(f"{cert}: no matching key {key.name}")
+        raise ConfigError(f"{cert}: no matching key {key.name}")
     if len(certs) > 1:
         log.warning("%s holds %d client certificates; using %s", directory, len(certs), cert.name)
 
     def no_passphrase() -> bytes:
         # Never let OpenSSL prompt on a terminal a background mount does not have.
-        raise ImagefsError(f"{key}: the key is encrypted; imagefs needs an unencrypted key")
+        raise ConfigError(f"{key}: the key is encrypted; imagefs needs an unencrypted key")
 
     try:
         ctx.load_cert_chain(str(cert), str(key), password=no_passphrase)
     except (OSError, ssl.SSLError) as exc:
-        raise ImagefsError(f"{cert}: cannot load the client certificate: {_ssl_reason(exc)}") from exc
+        raise ConfigError(f"{cert}: cannot load the client certificate: {_ssl_reason(exc)}") from exc
 
 
 def _ssl_reason(exc: Exception) -> str:
