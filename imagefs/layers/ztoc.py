@@ -32,7 +32,7 @@ from . import tarindex, zinfo
 from .entries import Entry
 from .zinfo import Checkpoint
 
-__all__ = ["Checkpoint", "Member", "Ztoc", "decode", "encode", "member_of", "span_range",
+__all__ = ["Checkpoint", "Member", "Ztoc", "decode", "encode", "index_spans", "member_of", "span_range",
            "to_entries", "to_gzidx"]
 
 VERSION = "0.9"  # soci's ztoc.Version09: the only version it writes
@@ -89,6 +89,19 @@ def span_range(z: Ztoc, i: int) -> tuple[int, int]:
     start = c.compressed - 1 if c.bits else c.compressed
     end = z.checkpoints[i + 1].compressed if i + 1 < len(z.checkpoints) else z.compressed_size
     return start, end
+
+
+def index_spans(z: Ztoc) -> list[tuple[int, str, int]]:
+    """The spans as a :class:`.entries.LayerIndex` holds them: ``(start, sha256 hex, end)``, led by
+    the gzip header (no digest: :class:`.zran.SpanFile` checks its shape) when checkpoint 0 is past it."""
+    out: list[tuple[int, str, int]] = []
+    first = span_range(z, 0)[0] if z.span_digests else 0
+    if first > 0:
+        out.append((0, "", first))
+    for i, digest in enumerate(z.span_digests):
+        start, end = span_range(z, i)
+        out.append((start, digest.partition(":")[2], end))
+    return out
 
 
 # -- reading ----------------------------------------------------------------------------------------
