@@ -281,5 +281,5 @@ def index_of(p: Pass, path: str, digest: str) -> LayerIndex:
     z = ztoc.Ztoc(p.size, p.tar_size, (), (), tuple(points), used)
     digests = span_digests(path, [ztoc.span_range(z, i) for i in range(len(points))])
     z = dataclasses.replace(z, span_digests=tuple(digests))
-    return LayerIndex(digest, GZIP, p.entries, p.tar_size, ztoc.index_spans(z), zlib.compress(ztoc.to_gzidx(z), 6),
+    return LayerIndex(digest, GZIP, p.entries, p.tar_size, ztoc.index_spans(z), zlib.compress(ztoc.to_gzidx(z), 1),
                       p.skipped, p.uncompressed)

@@ -183,4 +183,4 @@ def convert(data: bytes, layer: Descriptor) -> LayerIndex:
         raise ztoc.InvalidZtoc(f"it indexes {z.compressed_size} compressed bytes, the layer has {layer.size}")
     entries, skipped = ztoc.to_entries(z, layer.ref_key)
     return LayerIndex(layer.digest, GZIP, entries, z.uncompressed_size, ztoc.index_spans(z),
-                      zlib.compress(ztoc.to_gzidx(z), 6), skipped, "")
+                      zlib.compress(ztoc.to_gzidx(z), 1), skipped, "")  # level 1: on the first look's path
