@@ -1,4 +1,4 @@
-"""The one inflate of a committed gzip layer: everything its index needs, from a single pass.
+"""The one inflate of a gzip layer: everything its index needs, from a single pass.
 
 First contact with a plain gzip image (no zTOC in the registry) and ``copy --soci`` both need,
 per layer: the tar's members, the uncompressed digest (``rootfs.diff_ids``), inflate checkpoints
@@ -7,15 +7,16 @@ through indexed_gzip for the checkpoints, once through zlib for the tar). Here o
 the tar scan (:func:`.tarindex.scan`, through :class:`.diffids.Hashing`) while indexed_gzip records
 a candidate checkpoint at a deflate block boundary every ``spacing`` uncompressed bytes; the
 candidates are then thinned by :mod:`.spans`' rule, and only the chosen ones' 32 KiB windows are
-read back (indexed_gzip's export goes to a temporary file, not memory). The span digests need the
-chosen checkpoints, so they are a second *read* of the compressed blob (page-cached, hashed at
-~1 GB/s), never a second inflate.
+read back (indexed_gzip's export goes to a temporary file, not memory). A mount feeds the pass
+with the blob as it arrives (:func:`inflate_stream`), so fetching and inflating overlap; ``copy
+--soci`` reads the committed file. The span digests need the chosen checkpoints, so they are a
+second *read* of the committed blob (page-cached), never a second inflate.
 
 indexed_gzip against rapidgzip (parallel inflate) for this pass is measured in ``bench/RESULTS.md``
-(Issue 11); the faster on this machine is what runs here.
+(Issue 11): at the candidate spacing the span rule needs, indexed_gzip is the faster here.
 
-:func:`statistics` counts the passes and the bytes they read and produced, so a test can check
-that a layer was inflated once and benchmarks can say so.
+:func:`statistics` counts the passes and the tar bytes they produced, so a test can check that a
+layer was inflated once and benchmarks can say so.
 """
 
 from __future__ import annotations
