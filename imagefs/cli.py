@@ -228,7 +228,8 @@ def _copy_verbs(sub) -> None:
                    "layer, a SOCI index per platform, the image manifests annotated with it, and an image index "
                    "holding both; DEST then names that new index (its digest is printed), so digests change")
     c.add_argument("--soci-span-size", type=_size, default=None, metavar="SIZE",
-                   help="compressed bytes between zTOC checkpoints (default 4M, soci's): smaller spans make a small "
+                   help="compressed bytes of a span holding small files (default 512K; 4M among bigger files, 16M "
+                   "inside one file; doubled while the zTOC would pass 3%% of the layer): smaller spans make a small "
                    "read cheaper and the zTOC bigger (32 KiB a checkpoint)")
     c.add_argument("--soci-min-layer-size", type=_size, default=None, metavar="SIZE",
                    help="layers smaller than this get no zTOC and are indexed locally on first contact (default 10M, soci's)")

@@ -34,7 +34,7 @@ from .descriptors import (CONFIG_TYPES, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_
                           Descriptor, Platform, is_index, is_manifest, is_soci_index)
 from .errors import ImagefsError
 from .handlers import Fetcher, dispatch, fetch
-from .layers import zinfo, ztoc
+from .layers import gzpass, spans, ztoc
 from .units import human
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 GZIP_LAYERS = frozenset({DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_GZIP, OCI_LAYER_GZIP, OCI_LAYER_NONDIST_GZIP})
 BUILD_TOOL = "imagefs"
 EMPTY_CONFIG = b"{}"
-#: soci's defaults: 4 MiB of compressed data a span; layers under 10 MiB get no zTOC.
-SPAN_SIZE = 4 << 20
+#: compressed bytes a span holding more than one member may have (:mod:`.layers.spans`: chosen by
+#: measurement, soci's default is 4 MiB for every span); layers under 10 MiB get no zTOC (soci's).
+SPAN_SIZE = spans.DENSE
 MIN_LAYER_SIZE = 10 << 20
 
 
@@ -160,7 +161,7 @@ class Converter:
         if path is None:
             raise ImagefsError(f"{layer.ref_key} is not in the cache after fetching it")
         async with self._limit:
-            z = await trio.to_thread.run_sync(zinfo.build, str(path), self.opts.span_size, layer.ref_key)
+            z = await trio.to_thread.run_sync(gzpass.build_ztoc, str(path), self.opts.span_size, layer.ref_key)
             data = await trio.to_thread.run_sync(ztoc.encode, z)
         desc = await self._put_blob(SOCI_ZTOC, data)
         self._ztocs[layer.digest] = {**desc, "annotations": {SOCI_LAYER_MEDIA_TYPE: OCI_LAYER_GZIP,

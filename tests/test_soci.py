@@ -150,7 +150,8 @@ def test_the_ztoc_agrees_with_flatc_and_tarfile(soci, tmp_path):
             assert row["uncompressed_offset"] == m.offset_data, m.name
         assert row.get("mode", 0) & 0o7777 == m.mode & 0o7777, m.name
     info = decoded["compression_info"]
-    assert len(info["span_digests"]) == info.get("max_span_id", 0) + 1 > 10
+    # dense spans over the text files, one or two inside the 14 MiB random.bin (layers/spans.py)
+    assert len(info["span_digests"]) == info.get("max_span_id", 0) + 1 > 5
     assert decoded["compressed_archive_size"] == soci.big.size
     assert len(data) <= 0.2 * soci.big.size
 

@@ -182,12 +182,5 @@ def convert(data: bytes, layer: Descriptor) -> LayerIndex:
     if z.compressed_size != layer.size:
         raise ztoc.InvalidZtoc(f"it indexes {z.compressed_size} compressed bytes, the layer has {layer.size}")
     entries, skipped = ztoc.to_entries(z, layer.ref_key)
-    spans: list[tuple] = []
-    first = ztoc.span_range(z, 0)[0] if z.span_digests else 0
-    if first > 0:  # the gzip header: checked for its shape when read (zran.SpanFile)
-        spans.append((0, "", first))
-    for i, digest in enumerate(z.span_digests):
-        start, end = ztoc.span_range(z, i)
-        spans.append((start, digest.partition(":")[2], end))
-    return LayerIndex(layer.digest, GZIP, entries, z.uncompressed_size, spans, zlib.compress(ztoc.to_gzidx(z), 6),
-                      skipped, "")
+    return LayerIndex(layer.digest, GZIP, entries, z.uncompressed_size, ztoc.index_spans(z),
+                      zlib.compress(ztoc.to_gzidx(z), 1), skipped, "")  # level 1: on the first look's path

@@ -167,10 +167,13 @@ def entry_of(info: tarfile.TarInfo, path: str, scan: Members) -> Entry | None:
                  info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs or NO_XATTRS)
 
 
-def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = None) -> tuple[list[Entry], int, int]:
+def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = None,
+         on_member: Callable[[tarfile.TarInfo], None] | None = None) -> tuple[list[Entry], int, int]:
     """Read the tar from ``fileobj`` once; return (entries, uncompressed size, members skipped).
 
     ``progress`` returns how many compressed bytes were consumed, for the log line every few seconds.
+    ``on_member`` sees every member as read, skipped ones too (the gzip pass records where file
+    data lies, and ``copy --soci`` the zTOC's rows, from this same pass).
     """
     s = Members(label)
     try:
@@ -190,6 +193,8 @@ def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = No
                 break
             tar.members.clear()  # stream mode keeps every TarInfo otherwise
             count += 1
+            if on_member is not None:
+                on_member(info)
             path = normalise(info.name)
             if path is None:
                 s.skip(info.name, "the name escapes the layer")

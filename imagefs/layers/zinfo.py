@@ -1,4 +1,4 @@
-"""A gzip layer's inflate checkpoints, in the two binary forms they travel in, and a zTOC built from a blob.
+"""A gzip layer's inflate checkpoints, in the two binary forms they travel in.
 
 A *checkpoint* is where inflating can resume: the compressed offset of the first whole byte
 (``in``), the uncompressed offset there (``out``), how many bits of the byte before ``in`` still
@@ -13,28 +13,17 @@ dictionary a back-reference may reach into).
   plus a per-point "has a window" flag, the windows after all the offsets. ``zran.RandomAccess``
   imports one, so a zTOC's checkpoints become a random-access reader without inflating the layer.
 
-:func:`build` makes a zTOC from a committed gzip blob in one inflate: indexed_gzip inflates the
-blob sequentially (recording a point at a deflate block boundary every ``span_size // 4``
-uncompressed bytes) while :mod:`tarfile` reads the tar from that same stream; its exported points
-are then thinned to one every ``span_size`` *compressed* bytes (what a span fetch costs). Upstream's
-zinfo builder spaces checkpoints by *uncompressed* bytes instead (``totout - last > span``); the
-zTOC format does not record which rule made it, and readers only follow the checkpoints.
+Building one (the inflate, which checkpoints to keep, the span digests) is :mod:`.gzpass` and
+:mod:`.spans`: the local index of a layer is built the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import struct
-import tarfile
-import zlib
 from dataclasses import dataclass
 
-import indexed_gzip
-
 from ..errors import InvalidLayer, InvalidZtoc
-from .zran import header_length
 
 WINDOW = 32768
 _HEAD = struct.Struct("<iq")  # count, span size
@@ -98,92 +87,33 @@ def gzidx(points: list[Checkpoint] | tuple[Checkpoint, ...], compressed_size: in
     return b"".join([head, offsets, *(p.window for p in points)])
 
 
-def parse_gzidx(data: bytes) -> list[Checkpoint]:
-    """The points of an indexed_gzip export; a point with no window (the stream's start, a
-    gzip member boundary) is left out: it cannot be a zTOC checkpoint."""
+def gzidx_points(f) -> list[tuple[int, int, int, int]]:
+    """``(compressed, uncompressed, bits, where its window starts in f)`` of each point of an
+    indexed_gzip export in the seekable file ``f``; -1 for a point with no window (the stream's
+    start, a gzip member boundary: it cannot be a zTOC checkpoint). Windows are not read, so an
+    export of thousands of points costs no memory."""
     try:
-        ident, version, _, _, _, _, window, n = _GZIDX_HEAD.unpack_from(data)
+        f.seek(0)
+        ident, version, _, _, _, _, window, n = _GZIDX_HEAD.unpack(f.read(_GZIDX_HEAD.size))
         if ident != b"GZIDX" or version != 1 or window != WINDOW:
             raise ValueError(f"not a GZIDX v1 index with {WINDOW}-byte windows")
-        pos = _GZIDX_HEAD.size
-        rows = [_GZIDX_POINT.unpack_from(data, pos + i * _GZIDX_POINT.size) for i in range(n)]
-        pos += n * _GZIDX_POINT.size
-        points = []
-        for cmp, uncmp, bits, has in rows:
-            if has:
-                if pos + WINDOW > len(data):
-                    raise ValueError("truncated")
-                points.append(Checkpoint(cmp, uncmp, bits, data[pos : pos + WINDOW]))
-                pos += WINDOW
-        return points
+        rows = f.read(n * _GZIDX_POINT.size)
+        pos = _GZIDX_HEAD.size + len(rows)
+        out = []
+        for i in range(n):
+            cmp, uncmp, bits, has = _GZIDX_POINT.unpack_from(rows, i * _GZIDX_POINT.size)
+            out.append((cmp, uncmp, bits, pos if has else -1))
+            pos += WINDOW if has else 0
+        return out
     except (struct.error, ValueError) as exc:
         raise InvalidLayer(f"indexed_gzip exported an index we cannot read: {exc}") from exc
 
 
-def choose(points: list[Checkpoint], first: Checkpoint, span_size: int) -> list[Checkpoint]:
-    """``first`` and then each point at least ``span_size`` compressed bytes past the last chosen."""
-    chosen = [first]
-    for p in points:
-        if p.uncompressed > chosen[-1].uncompressed and p.compressed - chosen[-1].compressed >= span_size:
-            chosen.append(p)
-    return chosen
-
-
-def digests(path: str, starts_ends: list[tuple[int, int]]) -> list[str]:
-    """``sha256:<hex>`` of each byte range of the file at ``path``."""
-    out = []
-    with open(path, "rb") as f:
-        for start, end in starts_ends:
-            f.seek(start)
-            h, left = hashlib.sha256(), end - start
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    raise InvalidLayer(f"{path} ends before byte {end}")
-                h.update(chunk)
-                left -= len(chunk)
-            out.append("sha256:" + h.hexdigest())
-    return out
-
-
-def build(path: str, span_size: int, label: str, build_tool: str = ""):
-    """The zTOC of the gzip'd tar at ``path`` (committed: whole and verified), in one inflate.
-
-    Memory: indexed_gzip keeps a 32 KiB window for every point it records, one per
-    ``span_size // 4`` uncompressed bytes (a 400 MiB tar at the 4 MiB default: ~13 MiB).
-    """
-    from . import ztoc  # ztoc imports this module for the checkpoint formats
-
-    with open(path, "rb") as f:
-        head = f.read(65536)
-        f.seek(0, io.SEEK_END)
-        size = f.tell()
-    first = header_length(head)
-    if first < 0:
-        raise InvalidLayer(f"{label} does not start with a gzip header")
-    spacing = max(2 * WINDOW, span_size // 4)  # indexed_gzip wants it over the window size
-    members: list[ztoc.Member] = []
+def gzip_isize(path: str) -> int:
+    """The gzip trailer's ISIZE: the uncompressed size mod 4 GiB of the (last) member; 0 if unreadable."""
     try:
-        gz = indexed_gzip.IndexedGzipFile(path, spacing=spacing, readbuf_size=1 << 20, buffer_size=4 << 20)
-    except (indexed_gzip.ZranError, OSError, ValueError) as exc:
-        raise InvalidLayer(f"{label} is not gzip: {exc}") from exc
-    try:
-        try:
-            tar = tarfile.open(fileobj=gz, mode="r|", errorlevel=1)
-            for info in tar:
-                tar.members.clear()  # stream mode keeps every TarInfo otherwise
-                members.append(ztoc.member_of(info))
-            while gz.read(4 << 20):  # the rest of the stream: its checkpoints and its true length
-                pass
-            tar_size = gz.tell()
-        except (tarfile.TarError, EOFError, indexed_gzip.ZranError, OSError, zlib.error) as exc:
-            raise InvalidLayer(f"{label} is not a gzip'd tar we can read: {exc}") from exc
-        out = io.BytesIO()
-        gz.export_index(fileobj=out)
-    finally:
-        gz.close()
-    inside = [p for p in parse_gzidx(out.getvalue()) if p.compressed < size and p.uncompressed < tar_size]
-    points = choose(inside, Checkpoint(first, 0, 0, ZERO_WINDOW), span_size)
-    z = ztoc.Ztoc(size, tar_size, tuple(members), (), tuple(points), span_size, build_tool=build_tool or ztoc.BUILD_TOOL)
-    ranges = [ztoc.span_range(z, i) for i in range(len(points))]
-    return dataclasses.replace(z, span_digests=tuple(digests(path, ranges)))
+        with open(path, "rb") as f:
+            f.seek(-4, io.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
+    except OSError:
+        return 0

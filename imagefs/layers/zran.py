@@ -1,11 +1,9 @@
 """Random access into gzip layers, zran-style, with every fetched byte verified.
 
-While the index pass inflates a layer, ``indexed_gzip`` records a checkpoint every
-:data:`SPACING` uncompressed bytes (the compressed offset, the bit position and the 32 KiB
-window). Measured on this machine with a 47 MiB tar: inflating through ``indexed_gzip`` took
-0.29 s against zlib's 0.20 s, and its exported checkpoints were 29 KiB each (zlib-compressed in
-the index). Pure-Python zlib cannot do this: ``Decompress.copy()`` snapshots cannot be saved, and
-without ``inflatePrime`` a raw stream cannot resume mid-byte.
+The index pass (:mod:`.gzpass`) or a zTOC gives inflate checkpoints (the compressed offset, the
+bit position and the 32 KiB window), placed by :mod:`.spans`' rule, as an ``indexed_gzip`` export.
+Pure-Python zlib cannot resume there: ``Decompress.copy()`` snapshots cannot be saved, and without
+``inflatePrime`` a raw stream cannot resume mid-byte; indexed_gzip imports them.
 
 The compressed blob is cut into *spans* at the checkpoints (one byte early: a checkpoint may
 start inside a byte), and the index records each span's sha256. A later read — after a remount,
@@ -28,44 +26,13 @@ import indexed_gzip
 from ..errors import DigestMismatch
 
 ZranError = indexed_gzip.ZranError
-SPACING = 4 << 20  # uncompressed bytes between checkpoints: a small file read inflates at most this
+SPACING = 4 << 20  # what indexed_gzip is told (it only reads imported points here: auto_build is off)
 READ_BUFFER = 64 << 10  # what indexed_gzip asks of a span at a time; small, so a read rarely spills into the next span
 KEEP_SPANS = 4
-BUFFER = 256 << 10  # uncompressed read-ahead per layer (indexed_gzip defaults to 4 × SPACING: 16 MiB per small read)
-
-
-def checkpoints(raw: io.RawIOBase, path: str, blob_size: int) -> tuple[bytes, list[tuple[int, str]]]:
-    """One inflate of the whole blob: its checkpoints (zlib'd) and the (start, sha256) of every span."""
-    gz = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=SPACING, readbuf_size=1 << 20)
-    try:
-        gz.build_full_index()
-        return _export(gz, path, blob_size)
-    finally:
-        gz.close()
-
-
-def _export(gz: indexed_gzip.IndexedGzipFile, path: str, blob_size: int) -> tuple[bytes, list[tuple[int, str]]]:
-    out = io.BytesIO()
-    gz.export_index(fileobj=out)
-    starts = sorted({max(0, cmp - 1) for _, cmp in gz.seek_points()} | {0})
-    starts = [s for s in starts if s < blob_size]
-    if len(starts) > 1 and starts[1] < 64:  # the first checkpoint sits just after the gzip header
-        del starts[1]
-    spans = []
-    with open(path, "rb") as f:
-        for i, start in enumerate(starts):
-            end = starts[i + 1] if i + 1 < len(starts) else blob_size
-            f.seek(start)
-            h = hashlib.sha256()
-            left = end - start
-            while left:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    raise DigestMismatch(f"{path} ended before its size")
-                h.update(chunk)
-                left -= len(chunk)
-            spans.append((start, h.hexdigest()))
-    return zlib.compress(out.getvalue(), 6), spans
+#: uncompressed read-ahead per layer. Small: a 73-byte file read with 256 KiB of read-ahead (the
+#: old value) inflated on past its end into the next 512 KiB span and fetched it too (bench/soci:
+#: 1097 KiB for one file); sequential reads of big files come 128 KiB+ at a time and skip it.
+BUFFER = 4 << 10
 
 
 def header_length(data: bytes) -> int:
