@@ -1,0 +1,103 @@
+"""The one entry for blob bytes (imagefs.blobranges): whole pieces, and plain-tar members with readahead.
+
+In-process, against the local store and an in-memory fetcher (tests/test_handlers.py's), so the
+requests each read costs can be counted exactly.
+"""
+
+import hashlib
+import random
+
+import pytest
+import trio
+
+from imagefs import descriptors as d
+from imagefs.blobranges import BLOB, KEPT, REGISTRY, Piece
+from imagefs.content import LocalStore
+from imagefs.content.pieces import Pieces
+from imagefs.errors import DigestMismatch
+from imagefs.layers.service import Layers
+from imagefs.reader import BlobReader
+from imagefs.testing import images as im
+
+from .test_handlers import MemoryFetcher
+
+SPAN = 256 << 10
+
+
+def layer_desc(data: bytes, mt=d.OCI_LAYER) -> d.Descriptor:
+    return d.Descriptor(mt, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+
+
+async def test_span_is_checked_kept_and_never_kept_wrong(tmp_path):
+    data = random.randbytes(300_000)
+    desc = layer_desc(data)
+    store = LocalStore(tmp_path / "cache")
+    fetcher = MemoryFetcher({desc.digest: data}, chunk=1000)  # it does not clip a last chunk
+    pieces = Pieces(tmp_path / "cache", desc.digest)
+    start, end = 1000, 101_000
+    good = hashlib.sha256(data[start:end]).hexdigest()
+    async with trio.open_nursery() as bg:
+        reader = BlobReader(store, fetcher, bg)
+        with pytest.raises(DigestMismatch, match="span refused"):
+            await reader.span(desc, start, end, Piece("0" * 64, "span refused"), pieces)
+        assert pieces.get("0" * 64) is None and not list(pieces.dir.glob("*")), "a wrong piece was kept"
+
+        got = await reader.span(desc, start, end, Piece(good, "span refused"), pieces)
+        assert (got.data, got.source) == (data[start:end], REGISTRY)
+        asked = len(fetcher.ranges)
+        again = await reader.span(desc, start, end, Piece(good, "span refused"), pieces)
+        assert (again.data, again.source) == (data[start:end], KEPT)
+        assert len(fetcher.ranges) == asked, "a kept piece cost a request"
+
+        decoded = await reader.span(desc, start, end, Piece(hashlib.sha256(b"x" + data[start:end]).hexdigest(), "no",
+                                                            lambda b: b"x" + b), pieces)
+        assert decoded.data == b"x" + data[start:end]
+
+        await reader.prefetch(desc)
+        asked = len(fetcher.ranges)
+        here = await reader.span(desc, start, end, Piece(good, "span refused"), pieces)
+        assert (here.data, here.source) == (data[start:end], BLOB)
+        with pytest.raises(DigestMismatch):  # the committed blob's bytes are checked too
+            await reader.span(desc, start, end, Piece("1" * 64, "span refused"), pieces)
+        assert len(fetcher.ranges) == asked
+        bg.cancel_scope.cancel()
+
+
+async def test_plain_tar_member_read_in_order_gets_readahead_stopped_at_its_end(tmp_path):
+    big = random.randbytes(12 << 20)
+    blob = im.tar_layer({"a/small": b"small file\n", "a/big": big, "z/after": random.randbytes(8 << 20)},
+                        compression="none")
+    desc = layer_desc(blob.data)
+    cache = tmp_path / "cache"
+    async with trio.open_nursery() as bg:  # index the layer once, then forget the blob
+        layers = Layers(BlobReader(LocalStore(cache), MemoryFetcher({desc.digest: blob.data}), bg), cache_dir=cache)
+        entries = {e.path: e for e in (await layers.index(desc)).entries}
+        bg.cancel_scope.cancel()
+    assert LocalStore(cache).delete(desc.digest)
+
+    for with_handle in (True, False):
+        fetcher = MemoryFetcher({desc.digest: blob.data}, chunk=65536)
+        async with trio.open_nursery() as bg:
+            reader = BlobReader(LocalStore(tmp_path / f"c{with_handle}"), fetcher, bg, span=SPAN)
+            layers = Layers(reader, cache_dir=cache)
+            entry = entries["a/big"]
+            handle = layers.open(desc, entry, 7) if with_handle else None
+            got = bytearray()
+            while len(got) < entry.size:  # the kernel's 128 KiB reads
+                got += await layers.read(desc, entry, len(got), 128 << 10, handle)
+            assert got == big
+            requests = reader.statistics().requests
+            # without readahead: one request per 256 KiB span (48 of them)
+            assert requests <= 8, fetcher.ranges
+            member_end = entry.offset + entry.size
+            assert max(e for _, e in fetcher.ranges) <= -(-member_end // SPAN) * SPAN, "readahead ran past the member"
+            bg.cancel_scope.cancel()
+
+    fetcher = MemoryFetcher({desc.digest: blob.data}, chunk=65536)
+    async with trio.open_nursery() as bg:  # a small file costs a span, not a window
+        reader = BlobReader(LocalStore(tmp_path / "small"), fetcher, bg, span=SPAN)
+        layers = Layers(reader, cache_dir=cache)
+        small = entries["a/small"]
+        assert await layers.read(desc, small, 0, 4096, layers.open(desc, small, 8)) == b"small file\n"
+        assert sum(e - s for s, e in fetcher.ranges) <= SPAN
+        bg.cancel_scope.cancel()
