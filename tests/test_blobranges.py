@@ -101,3 +101,45 @@ async def test_plain_tar_member_read_in_order_gets_readahead_stopped_at_its_end(
         assert await layers.read(desc, small, 0, 4096, layers.open(desc, small, 8)) == b"small file\n"
         assert sum(e - s for s, e in fetcher.ranges) <= SPAN
         bg.cancel_scope.cancel()
+
+
+async def test_bytes_landed_ahead_are_hashed_from_memory_not_read_back(tmp_path):
+    """A sequential reader's next request lands ahead of the hashed prefix: those bytes are
+    hashed once the prefix reaches them, without reading the ingest back — unless they did not
+    fit in the hold, and a wrong byte is still a mismatch either way."""
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    chunk = 256 << 10
+    with store.writer("layer-a", len(data), digest) as w:
+        for off in range(len(data) // 2, len(data), chunk):  # the second half first
+            await w.write_at(off, data[off : off + chunk])
+        for off in range(0, len(data) // 2, chunk):
+            await w.write_at(off, data[off : off + chunk])
+        await w.commit()
+    assert store.statistics().bytes_read_back == 0
+    assert store.path(digest) is not None
+
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    with store.writer("layer-b", len(bad), "sha256:" + hashlib.sha256(data[:-1] + b"x").hexdigest()) as w:
+        for off in range(len(bad) // 2, len(bad), chunk):
+            await w.write_at(off, bytes(bad[off : off + chunk]))
+        for off in range(0, len(bad) // 2, chunk):
+            await w.write_at(off, bytes(bad[off : off + chunk]))
+        with pytest.raises(DigestMismatch):
+            await w.verify()
+    assert store.statistics().bytes_read_back == 0
+
+
+async def test_a_resumed_ingest_is_read_back_to_be_hashed(tmp_path):
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(1 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    w = store.writer("layer-c", len(data), digest)
+    await w.write_at(len(data) // 2, data[len(data) // 2 :])
+    w.suspend()
+    with LocalStore(tmp_path / "cache").writer("layer-c", len(data), digest) as w2:  # a later process
+        await w2.write_at(0, data[: len(data) // 2])
+        await w2.commit()
+        assert w2.store.statistics().bytes_read_back == len(data) // 2
