@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 << 20  # one Range request, at most: registries charge per request
 MAX_REQUESTS_PER_BLOB = 3
+# A stream's next request starts once this little is left to arrive of those in flight: enough to
+# hide a registry's 10-30 ms to a first byte, little enough that what lands ahead of the hashed
+# prefix fits the ingest's in-memory hold (content/ingest.py HOLD) instead of being read back.
+LEAD = 24 << 20
 RECORD_INTERVAL = 0.5  # seconds: a killed mount loses at most this long's record of landed bytes
 
 
@@ -73,12 +77,24 @@ class BlobFetch:
 
     def readahead(self, end: int, window: int, limit: int | None = None) -> None:
         """Ask for the next stretch while the current one still has half a window to go; never
-        past ``limit`` (a member's end)."""
+        past ``limit`` (a member's end). One request at a time, paced by :data:`LEAD`, so the
+        bytes of a stream land nearly in order."""
         size = self.desc.size if limit is None else min(limit, self.desc.size)
         horizon = min(size, end + window)
         frontier = self.frontier(end, horizon)
-        if frontier < min(size, end + window // 2) + 1 or frontier < horizon and not self.requests:
-            self.claim(frontier, horizon)
+        due = frontier < min(size, end + window // 2) + 1 or frontier < horizon and not self.requests
+        if due and self.in_flight() <= LEAD:
+            self.claim(frontier, min(horizon, frontier + MAX_REQUEST))
+
+    def next_stretch(self) -> None:
+        """Claim the next request of a whole-blob fetch, paced as a stream's readahead is."""
+        if self.in_flight() <= LEAD:
+            frontier = self.frontier(0, self.desc.size)
+            self.claim(frontier, min(self.desc.size, frontier + MAX_REQUEST))
+
+    def in_flight(self) -> int:
+        """Bytes still to arrive of the requests in flight."""
+        return sum(r.end - r.pos for r in self.requests)
 
     def frontier(self, pos: int, limit: int) -> int:
         """The first byte at or after ``pos`` that is neither present nor claimed."""

@@ -89,8 +89,8 @@ class BlobRanges(Protocol):
     def open(self, desc: Descriptor, inode: int, *, start: int = 0, end: int | None = None) -> Handle:
         """A handle for one open file; ``[start, end)``: the part of the blob it reads (a member)."""
 
-    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes:
-        """Up to ``size`` served bytes at ``offset``, fetching what is missing."""
+    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes | memoryview:
+        """Up to ``size`` served bytes at ``offset``, fetching what is missing; bytes-like."""
 
     async def span(self, desc: Descriptor, start: int, end: int, piece: Piece | None = None,
                    keep: Keeper | None = None) -> Span:

@@ -151,8 +151,9 @@ class BlobReader:
 
     # -- served bytes ---------------------------------------------------------------------------
 
-    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes:
-        """``size`` bytes at ``offset``, fetching what is missing."""
+    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes | memoryview:
+        """``size`` bytes at ``offset``, fetching what is missing (a view of a chunk that just landed
+        when it holds them: FUSE replies take any buffer)."""
         end = min(offset + size, desc.size)
         if offset >= end:
             return b""
@@ -339,7 +340,7 @@ class BlobReader:
             if blob.writer.complete:
                 blob.start_commit()
             else:
-                blob.claim(blob.frontier(0, desc.size), desc.size)
+                blob.next_stretch()
             await blob.writer.wait_changed()
 
     def close(self) -> None:

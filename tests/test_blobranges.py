@@ -143,3 +143,16 @@ async def test_a_resumed_ingest_is_read_back_to_be_hashed(tmp_path):
         await w2.write_at(0, data[: len(data) // 2])
         await w2.commit()
         assert w2.store.statistics().bytes_read_back == len(data) // 2
+
+
+async def test_a_read_inside_the_chunk_just_landed_is_answered_from_it(tmp_path):
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(1 << 20)
+    with store.writer("layer-d", len(data), "sha256:" + hashlib.sha256(data).hexdigest()) as w:
+        await w.write_at(0, data[: 512 << 10])
+        await w.write_at(512 << 10, data[512 << 10 :])
+        got = w.pread(600 << 10, 4096)
+        assert isinstance(got, memoryview) and got == data[600 << 10 : (600 << 10) + 4096]  # no pread, no copy
+        across = w.pread((512 << 10) - 100, 200)  # straddles two chunks: read from the ingest
+        assert bytes(across) == data[(512 << 10) - 100 : (512 << 10) + 100]
+        await w.commit()

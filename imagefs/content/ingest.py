@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ HASH_CHUNK = 4 << 20
 # the ingest otherwise): about what a sequential reader's next request lands before the current
 # one ends, bounded so a mount stays well under its RSS budget.
 HOLD = 32 << 20
+RECENT = 4  # chunks just landed that a read is answered from without a pread
 
 
 class LocalWriter:
@@ -82,6 +84,7 @@ class LocalWriter:
         self._hash_lock = trio.Lock()
         self._held: dict[int, bytes] = {}  # offset -> bytes landed ahead of the hashed prefix
         self._held_bytes = 0
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)
         self._ops = 0  # writes in worker threads; the fd stays open until they end
         self._changed = trio.Event()
 
@@ -156,6 +159,7 @@ class LocalWriter:
         if self.closed:
             raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         self.present.add(offset, offset + len(data))
+        self._recent.append((offset, data))
         self.notify()
 
     def save(self) -> None:
@@ -169,8 +173,13 @@ class LocalWriter:
             except OSError as exc:
                 log.warning("%s: cannot record progress: %s", self.ref, exc)
 
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes already written; callers check ``present`` first."""
+    def pread(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes already written; callers check ``present`` first. A range inside a chunk that just
+        landed is answered from that chunk (a view, no copy: readers waiting for it are woken
+        by its landing), else by ``pread``."""
+        for start, chunk in reversed(self._recent):
+            if start <= offset and offset + size <= start + len(chunk):
+                return memoryview(chunk)[offset - start : offset - start + size]
         return os.pread(self.fd, size, offset)
 
     def _take_held(self, pos: int) -> list[bytes]:
@@ -272,6 +281,7 @@ class LocalWriter:
         self.closed = True
         self._held.clear()
         self._held_bytes = 0
+        self._recent.clear()
         self.store.release(self)
         if self.lock is not None:
             self.lock.close()

@@ -270,7 +270,8 @@ class Layers:
         (stopped at its end); other layers ignore it."""
         return self.reader.open(desc, inode, start=entry.offset, end=entry.offset + entry.size)
 
-    async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int, handle: Handle | None = None) -> bytes:
+    async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int,
+                   handle: Handle | None = None) -> bytes | memoryview:
         """``size`` bytes of ``entry``'s data at ``offset``; ``handle`` from :meth:`open`."""
         size = min(size, entry.size - offset)
         if size <= 0:
