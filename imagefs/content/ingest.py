@@ -161,6 +161,12 @@ class LocalWriter:
         self.present.add(offset, offset + len(data))
         self._recent.append((offset, data))
         self.notify()
+        if self.hashed in self._held and not self._hash_lock.locked():
+            # what landed at the hashed prefix while it was being extended: hash it now, from memory
+            async with self._hash_lock:
+                chain = self._take_held(self.hashed)
+                if chain:
+                    self.hashed = await trio.to_thread.run_sync(_hash_all, self._hash, self.hashed, chain)
 
     def save(self) -> None:
         """Record which ranges are present, so a crash or unmount loses no fetched byte.
