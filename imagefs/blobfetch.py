@@ -70,6 +70,7 @@ class BlobFetch:
         return None
 
     def last_error(self) -> ImagefsError:
+        """The latest failed request's error (a whole-blob fetch gives up on it: one attempt)."""
         exc = self.errors[-1][3]
         return exc if isinstance(exc, ImagefsError) else RegistryError(f"{self.desc.ref_key}: {exc!r}")
 
@@ -180,6 +181,7 @@ class BlobFetch:
     # -- ending ---------------------------------------------------------------------------------
 
     def start_commit(self) -> None:
+        """Verify and commit once (every byte is here); readers are served from ``verify`` on."""
         if not self._committing:
             self._committing = True
             self.nursery.start_soon(self._commit)

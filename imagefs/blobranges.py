@@ -63,6 +63,8 @@ class Piece:
 
 @dataclass(frozen=True)
 class Span:
+    """A whole piece, checked (and decoded) as its :class:`Piece` said, and where it came from."""
+
     data: bytes
     source: str  # BLOB, KEPT or REGISTRY: callers count what a read cost
 
