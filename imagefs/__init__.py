@@ -15,7 +15,10 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.handlers` — the port of containerd's ``remotes/handlers.go``: ``fetch`` with
   jittered backoff on a locked ref, labels from a tee of the stream, a concurrent ``dispatch``.
 - :mod:`imagefs.image` — the descriptor graph of one mount, discovered as it is walked.
-- :mod:`imagefs.reader` — byte ranges of layer blobs, served as they stream in.
+- :mod:`imagefs.blobranges` — the filesystem's one entry for blob bytes (``read`` served bytes,
+  ``span`` whole verified pieces); :mod:`imagefs.reader` implements it, serving byte ranges as
+  they stream in, and :mod:`imagefs.blobfetch` is one blob's fetch in flight (claims, requests,
+  the commit).
 - :mod:`imagefs.layers` — the files inside layers: tar indexes, gzip checkpoints, whiteouts.
 - :mod:`imagefs.statistics` — every part's counters in the mount's ``user.imagefs.statistics``.
 - :mod:`imagefs.fs` — the FUSE side: inode tree, pyfuse3 operations (the errno boundary), mount.

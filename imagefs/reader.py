@@ -18,36 +18,41 @@ check is discarded; files opened before the failure get EIO from then on, and a 
 the blob again. A commit the disk refuses (ENOSPC at fsync, labels it cannot write) is no such
 failure: the verified bytes are served from the ingest and kept there for a later mount.
 ``strict`` serves nothing before the whole blob is verified (containerd's rule).
+
+This is the filesystem's one entry for blob bytes (:class:`~imagefs.blobranges.BlobRanges`):
+:meth:`BlobReader.read` for served bytes, :meth:`BlobReader.span` for whole, verified pieces (gzip
+spans, TOC chunks, footers) that ``layers/`` asks for. The fetching itself — claims, requests,
+the commit — is :class:`~imagefs.blobfetch.BlobFetch`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
-from .content import labels
-from .content.ranges import RangeSet
-from .content.store import Store, Writer
+from .blobfetch import BlobFetch
+from .blobranges import BLOB, KEPT, REGISTRY, Handle, Keeper, Piece, Span
+from .content.store import Store
 from .descriptors import Descriptor
-from .errors import AlreadyExists, DigestMismatch, ImagefsError, NotFound, RegistryError, StorageError, Unavailable
+from .errors import AlreadyExists, DigestMismatch, InvalidLayer, NotFound, Unavailable
 from .handlers import Backoff, Fetcher
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BlobReader", "Handle", "ReaderStatistics", "SPAN"]
+
 MAX_OPEN_BLOBS = 256
 SPAN = 256 << 10  # what a random read costs; chosen by bench/run (see bench/RESULTS.md)
 MAX_WINDOW = 128 << 20  # a sequential reader's readahead, at most
-MAX_REQUEST = 64 << 20  # one Range request, at most: registries charge per request
-MAX_REQUESTS_PER_BLOB = 3
 # The kernel's async readahead reaches us reordered by several MiB (4 MiB readahead, up to 32
 # reads in flight): a read this close to where a handle left off still continues its stream.
 SEQUENTIAL_SLACK = 16 << 20
 CONTENDED_PATIENCE = 3.0  # seconds a read waits for another process's writer before reading around it
 FIRST_WINDOW = 4 << 20  # a registry answers in 10-30 ms: start a stream with more than a span
-RECORD_INTERVAL = 0.5  # seconds: a killed mount loses at most this long's record of landed bytes
 
 
 class _Contended(Exception):
@@ -70,48 +75,17 @@ class ReaderStatistics:
     verify_failures: int
 
 
-@dataclass
-class Handle:
-    """One open file: its own sequential-read detector, and the failures it has seen."""
-
-    inode: int
-    failures: int
-    next_offset: int = 0
-    window: int = 0
-    streamed: int = 0  # bytes read since the current sequential stream began
-
-
-@dataclass(eq=False)
-class _Request:
-    start: int
-    end: int
-    pos: int
-
-
-@dataclass(eq=False)
-class _Blob:
-    desc: Descriptor
-    writer: Writer
-    claimed: RangeSet = field(default_factory=RangeSet)
-    requests: set[_Request] = field(default_factory=set)
-    errors: list[tuple[int, int, int, BaseException]] = field(default_factory=list)  # (serial, start, end, exc)
-    serial: int = 0
-    hashing: bool = False
-    committing: bool = False
-    recording: bool = False
-    failed: ImagefsError | None = None  # a commit the disk refused: not retried by this mount
-
-
 class BlobReader:
-    """Reads of layer blobs for one mount; fetches run in the mount's nursery."""
+    """Reads of blobs for one mount (:class:`~imagefs.blobranges.BlobRanges`); fetches run in the
+    mount's nursery."""
 
     def __init__(self, store: Store, fetcher: Fetcher, nursery: trio.Nursery, *, strict: bool = False, span: int = SPAN) -> None:
         self.store = store
         self.fetcher = fetcher
         self.nursery = nursery
         self.strict = strict
-        self.span = span
-        self._blobs: dict[str, _Blob] = {}
+        self.span_size = span
+        self._blobs: dict[str, BlobFetch] = {}
         self._failures: dict[str, int] = {}
         self._fds: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -120,6 +94,9 @@ class BlobReader:
 
     def statistics(self) -> ReaderStatistics:
         return ReaderStatistics(**self._s)
+
+    def _add(self, name: str, n: int = 1) -> None:
+        self._s[name] += n
 
     # -- what is here ---------------------------------------------------------------------------
 
@@ -145,12 +122,18 @@ class BlobReader:
             return True
         return False
 
-    def open(self, desc: Descriptor, inode: int) -> Handle:
-        return Handle(inode, self._failures.get(desc.digest, 0))
+    def open(self, desc: Descriptor, inode: int, *, start: int = 0, end: int | None = None) -> Handle:
+        # A handle that starts inside the blob (a member) continues a stream from its start.
+        return Handle(inode, self._failures.get(desc.digest, 0), next_offset=start, end=end)
 
     def read_committed(self, desc: Descriptor, offset: int, size: int) -> bytes:
         """A range of a committed blob: an inline ``pread`` (a page-cache copy), cheaper than any
         thread hop — measured, a hop per request cost a third of cached-read throughput."""
+        data = os.pread(self._fd(desc), size, offset)
+        self._count(data)
+        return data
+
+    def _fd(self, desc: Descriptor) -> int:
         fd = self._fds.get(desc.digest)
         if fd is None:
             path = self.store.path(desc.digest)
@@ -159,24 +142,24 @@ class BlobReader:
             if len(self._fds) >= MAX_OPEN_BLOBS:
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[desc.digest] = os.open(path, os.O_RDONLY)
-        data = os.pread(fd, size, offset)
-        self._count(data)
-        return data
+        return fd
 
     def _count(self, data: bytes, hit: str = "cache_hits") -> None:
         self._s["reads"] += 1
         self._s["bytes_served"] += len(data)
         self._s[hit] += 1
 
-    # -- reading --------------------------------------------------------------------------------
+    # -- served bytes ---------------------------------------------------------------------------
 
-    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes:
-        """``size`` bytes at ``offset``, fetching what is missing."""
+    async def read(self, desc: Descriptor, offset: int, size: int, handle: Handle | None = None) -> bytes | memoryview:
+        """``size`` bytes at ``offset``, fetching what is missing (a view of a chunk that just landed
+        when it holds them: FUSE replies take any buffer)."""
         end = min(offset + size, desc.size)
         if offset >= end:
             return b""
         handle = handle or self.open(desc, 0)
         sequential = self._track(handle, offset, end)
+        window = handle.window if sequential else 0
         backoff = Backoff()
         since = None
         while True:
@@ -192,22 +175,22 @@ class BlobReader:
                 continue  # committed meanwhile
             if since is None:
                 since = blob.serial
-            for serial, s, e, exc in blob.errors:
-                if serial > since and s < end and offset < e:
-                    raise exc if isinstance(exc, ImagefsError) else RegistryError(f"{desc.ref_key}: {exc!r}")
+            error = blob.error_since(since, offset, end)
+            if error is not None:
+                raise error
             writer = blob.writer
             if writer.present.covers(offset, end) and (writer.verified or not (self.strict or writer.complete)):
                 if sequential and not writer.complete:
-                    self._readahead(blob, end, handle.window)  # a stream served from landed bytes keeps fetching ahead
+                    blob.readahead(end, window, handle.end)  # a stream served from landed bytes keeps fetching ahead
                 data = writer.pread(offset, end - offset)
                 self._count(data, "ingest_hits")
                 return data
             if writer.complete:
                 if blob.failed is not None:
                     raise blob.failed  # complete, yet neither verified nor committed: waiting cannot help
-                self._start_commit(blob)
+                blob.start_commit()
             else:
-                self._schedule(blob, offset, end, handle.window if sequential else 0)
+                self._schedule(blob, offset, end, window, handle.end)
             self._s["lock_waits"] += 1
             with trio.move_on_after(backoff.next_delay()):
                 await blob.writer.wait_changed()
@@ -215,7 +198,7 @@ class BlobReader:
     def _track(self, handle: Handle, offset: int, end: int) -> bool:
         """Whether this read continues the handle's stream; widens or resets its window."""
         if handle.next_offset == 0:  # a first read starts a stream only at the start of the blob
-            sequential = offset < self.span
+            sequential = offset < self.span_size
         else:
             slack = max(SEQUENTIAL_SLACK, handle.window)
             sequential = handle.next_offset - slack <= offset <= handle.next_offset + slack
@@ -231,12 +214,20 @@ class BlobReader:
         handle.next_offset = max(handle.next_offset, end) if sequential else end
         return sequential
 
-    async def _acquire(self, desc: Descriptor, patience: bool = False) -> _Blob | None:
+    def _schedule(self, blob: BlobFetch, offset: int, end: int, window: int, limit: int | None) -> None:
+        """Claim and fetch the missing bytes of ``[offset, end)`` span-aligned, and readahead after it."""
+        lo = offset - offset % self.span_size
+        hi = min(blob.desc.size, -(-end // self.span_size) * self.span_size)
+        blob.claim(lo, hi)
+        if window:
+            blob.readahead(end, window, limit)
+
+    async def _acquire(self, desc: Descriptor, patience: bool = False) -> BlobFetch | None:
         """The shared state of a blob being fetched: take the store's writer, backing off while
         another holder (another process, or a whole-blob fetch) has it. With ``patience``, give up
         after :data:`CONTENDED_PATIENCE` seconds by raising :class:`_Contended`."""
         # Not handlers.acquire: while we back off, another task of this mount may take the writer,
-        # and then we join its _Blob instead of waiting for the commit.
+        # and then we join its BlobFetch instead of waiting for the commit.
         backoff = Backoff()
         give_up = trio.current_time() + CONTENDED_PATIENCE
         while True:
@@ -254,11 +245,20 @@ class BlobReader:
                     raise _Contended(str(exc)) from exc
                 await backoff.wait()
                 continue
-            blob = self._blobs[desc.digest] = _Blob(desc, writer)
+            blob = self._blobs[desc.digest] = BlobFetch(
+                desc, writer, self.fetcher, self.nursery, count=self._add, discarded=self._discarded,
+                ended=self._ended, hash_after=16 * self.span_size)
             if self.strict:
-                self._schedule(blob, 0, desc.size, MAX_WINDOW)
-            self._after_write(blob)  # a resumed ingest may be complete already
+                self._schedule(blob, 0, desc.size, MAX_WINDOW, None)
+            blob.landed()  # a resumed ingest may be complete already
             return blob
+
+    def _discarded(self, desc: Descriptor) -> None:
+        self._failures[desc.digest] = self._failures.get(desc.digest, 0) + 1
+
+    def _ended(self, blob: BlobFetch) -> None:
+        if self._blobs.get(blob.desc.digest) is blob:
+            del self._blobs[blob.desc.digest]
 
     async def _read_around(self, desc: Descriptor, offset: int, end: int, why: _Contended) -> bytes:
         """Serve a read straight from the registry, caching nothing: another process holds the
@@ -266,140 +266,56 @@ class BlobReader:
         if desc.digest not in self._warned:
             self._warned.add(desc.digest)
             log.info("%s; reading around it without caching", why)
-        buf = bytearray()
-        async with self.fetcher.open(desc, offset, end) as stream:
+        data = await self._get(desc, offset, end)
+        self._s["requests"] += 1
+        self._s["bytes_fetched"] += len(data)
+        self._count(data, "passthrough")
+        return data
+
+    async def _get(self, desc: Descriptor, start: int, end: int) -> bytes:
+        """One closed ``Range`` request, whole: the only registry stream outside a BlobFetch."""
+        parts = []
+        async with self.fetcher.open(desc, start, end) as stream:
             async for chunk in stream:
-                buf += chunk
-        self._s["requests"] += 1
-        self._s["bytes_fetched"] += len(buf)
-        self._count(bytes(buf), "passthrough")
-        return bytes(buf)
+                parts.append(chunk)
+        return b"".join(parts)
 
-    # -- fetching -------------------------------------------------------------------------------
+    # -- whole pieces ---------------------------------------------------------------------------
 
-    def _schedule(self, blob: _Blob, offset: int, end: int, window: int) -> None:
-        """Claim and fetch the missing bytes of ``[offset, end)``, and readahead after it."""
-        size = blob.desc.size
-        lo = offset - offset % self.span
-        hi = min(size, -(-end // self.span) * self.span)
-        self._claim(blob, lo, hi)
-        if window:
-            self._readahead(blob, end, window)
+    async def span(self, desc: Descriptor, start: int, end: int, piece: Piece | None = None,
+                   keep: Keeper | None = None) -> Span:
+        """Bytes ``[start, end)`` whole (:meth:`~imagefs.blobranges.BlobRanges.span`): from the
+        committed blob, else a kept piece, else one Range request; checked against ``piece`` and
+        decoded by it, and kept only once checked. Not counted as served: ``layers/`` counts them."""
+        checked = piece is not None and bool(piece.sha256)
+        data = await trio.to_thread.run_sync(self._pread_committed, desc, start, end) if self.committed(desc) else None
+        if data is not None:
+            source = BLOB
+            keep = None  # the blob is all the cache it needs
+        else:
+            if checked and keep is not None:
+                kept = await trio.to_thread.run_sync(keep.get, piece.sha256)  # re-hashed as it loads
+                if kept is not None:
+                    return Span(kept, KEPT)
+            data = await self._get(desc, start, end)
+            source = REGISTRY
+            if len(data) != end - start:
+                raise InvalidLayer(f"{desc.ref_key}: asked for bytes {start}-{end - 1}, got {len(data)}")
+        if checked:
+            data = await trio.to_thread.run_sync(_checked, data, piece, keep)
+        return Span(data, source)
 
-    def _readahead(self, blob: _Blob, end: int, window: int) -> None:
-        """Ask for the next stretch while the current one still has half a window to go."""
-        size = blob.desc.size
-        horizon = min(size, end + window)
-        frontier = self._frontier(blob, end, horizon)
-        if frontier < min(size, end + window // 2) + 1 or frontier < horizon and not blob.requests:
-            self._claim(blob, frontier, horizon)
-
-    def _frontier(self, blob: _Blob, pos: int, limit: int) -> int:
-        """The first byte at or after ``pos`` that is neither present nor claimed."""
-        while pos < limit:
-            nxt = max(blob.writer.present.end_of(pos), blob.claimed.end_of(pos))
-            if nxt == pos:
-                return pos
-            pos = nxt
-        return limit
-
-    def _claim(self, blob: _Blob, start: int, end: int) -> None:
-        for s, e in blob.writer.present.missing(start, end):
-            for gs, ge in blob.claimed.missing(s, e):
-                if len(blob.requests) >= MAX_REQUESTS_PER_BLOB and gs > start:
-                    return  # enough in flight; a later read asks again
-                for piece in range(gs, ge, MAX_REQUEST):
-                    req = _Request(piece, min(ge, piece + MAX_REQUEST), piece)
-                    blob.claimed.add(req.start, req.end)
-                    blob.requests.add(req)
-                    self.nursery.start_soon(self._fetch, blob, req)
-
-    async def _fetch(self, blob: _Blob, req: _Request) -> None:
-        writer = blob.writer
-        self._s["requests"] += 1
+    def _pread_committed(self, desc: Descriptor, start: int, end: int) -> bytes | None:
+        path = self.store.path(desc.digest)
+        if path is None:
+            return None
         try:
-            async with self.fetcher.open(blob.desc, req.start, req.end) as stream:
-                async for chunk in stream:
-                    await writer.write_at(req.pos, chunk)
-                    req.pos += len(chunk)
-                    self._s["bytes_fetched"] += len(chunk)
-                    self._after_write(blob)
-            if req.pos < req.end:
-                raise RegistryError(f"{blob.desc.ref_key}: stream ended at {req.pos} of [{req.start}, {req.end})")
-        except Exception as exc:
-            if not writer.closed:
-                self._s["fetches_failed"] += 1
-                log.error("fetch of %s bytes %d-%d failed: %s", blob.desc.ref_key, req.pos, req.end - 1, exc)
-                blob.serial += 1
-                blob.errors = blob.errors[-15:] + [(blob.serial, req.pos, req.end, exc)]
-        finally:
-            blob.claimed.remove(req.start, req.end)
-            blob.requests.discard(req)
-            writer.notify()  # what landed is recorded by _record, started as it landed
+            with open(path, "rb") as f:  # not the cached fd: this runs in a worker thread
+                return os.pread(f.fileno(), end - start, start)
+        except FileNotFoundError:  # evicted just now: the registry still has it
+            return None
 
-    def _after_write(self, blob: _Blob) -> None:
-        """Hash the growing prefix in the background; commit once every byte is here."""
-        writer = blob.writer
-        if writer.closed:
-            return
-        if writer.complete:
-            self._start_commit(blob)
-        elif not blob.hashing and writer.present.prefix() - writer.hashed >= 16 * self.span:
-            blob.hashing = True
-            self.nursery.start_soon(self._hash, blob)
-        if not blob.recording and not writer.complete:
-            blob.recording = True
-            self.nursery.start_soon(self._record, blob)
-
-    async def _record(self, blob: _Blob) -> None:
-        """Record the landed ranges soon after bytes land, not only when a request ends: a
-        request can stall or resume for minutes, and a killed mount should keep what it had."""
-        writer = blob.writer
-        try:
-            with trio.move_on_after(RECORD_INTERVAL):
-                while not (writer.closed or writer.complete):  # a commit or abort makes it moot
-                    await writer.wait_changed()
-        finally:
-            blob.recording = False
-        writer.save()
-
-    async def _hash(self, blob: _Blob) -> None:
-        try:
-            await blob.writer.hash_prefix()
-        except Exception as exc:  # the commit will hash again and report
-            log.debug("hashing %s: %s", blob.desc.ref_key, exc)
-        finally:
-            blob.hashing = False
-
-    def _start_commit(self, blob: _Blob) -> None:
-        if not blob.committing:
-            blob.committing = True
-            self.nursery.start_soon(self._commit, blob)
-
-    async def _commit(self, blob: _Blob) -> None:
-        desc, writer = blob.desc, blob.writer
-        kept = False
-        try:
-            await writer.verify()  # readers waiting for the last bytes are served from here on
-            with trio.CancelScope(shield=True):  # an unmount lets a verified blob finish committing
-                await writer.commit({labels.MEDIATYPE: desc.media_type})
-            log.info("committed %s (%d bytes)", desc.ref_key, desc.size)
-        except DigestMismatch as exc:
-            self._s["verify_failures"] += 1
-            self._failures[desc.digest] = self._failures.get(desc.digest, 0) + 1
-            log.error("%s discarded: %s", desc.ref_key, exc)
-            writer.abort(exc)
-        except Exception as exc:
-            # The bytes were not found wrong: the disk refused them. Keep the blob (and its writer)
-            # for this mount — verified bytes are served from the ingest — and the ingest for the next.
-            blob.failed = exc if isinstance(exc, ImagefsError) else StorageError(f"{desc.ref_key}: {exc!r}")
-            kept = True
-            served = "serving it from the ingest, " if writer.verified else ""
-            log.error("%s not committed: %s; %skept for a later mount", desc.ref_key, exc, served)
-        finally:
-            if not kept and self._blobs.get(desc.digest) is blob:
-                del self._blobs[desc.digest]
-            writer.notify()
+    # -- whole blobs ----------------------------------------------------------------------------
 
     async def prefetch(self, desc: Descriptor) -> None:
         """Fetch the whole blob and commit it (``--prefetch``, layer indexes); raise why if it fails.
@@ -408,7 +324,7 @@ class BlobReader:
         ends it with that error, rather than claiming the same bytes again forever.
         """
         failures = self._failures.get(desc.digest, 0)
-        seen: tuple[_Blob, int] | None = None
+        seen: tuple[BlobFetch, int] | None = None
         while not self.committed(desc):
             if self._failures.get(desc.digest, 0) > failures:
                 raise DigestMismatch(f"{desc.ref_key} failed verification (see the log)")
@@ -420,12 +336,11 @@ class BlobReader:
             if seen is None or seen[0] is not blob:
                 seen = (blob, blob.serial)
             elif blob.serial > seen[1]:
-                exc = blob.errors[-1][3]
-                raise exc if isinstance(exc, ImagefsError) else RegistryError(f"{desc.ref_key}: {exc!r}")
+                raise blob.last_error()
             if blob.writer.complete:
-                self._start_commit(blob)
+                blob.start_commit()
             else:
-                self._claim(blob, self._frontier(blob, 0, desc.size), desc.size)
+                blob.next_stretch()
             await blob.writer.wait_changed()
 
     def close(self) -> None:
@@ -436,3 +351,15 @@ class BlobReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _checked(data: bytes, piece: Piece, keep: Keeper | None) -> bytes:
+    """Decode ``data`` as ``piece`` says and check its digest, then keep it (blocking: a worker
+    thread). A piece that fails is a DigestMismatch and is never kept."""
+    if piece.decode is not None:
+        data = piece.decode(data)
+    if hashlib.sha256(data).hexdigest() != piece.sha256:
+        raise DigestMismatch(piece.refused)
+    if keep is not None:
+        keep.put(piece.sha256, data)
+    return data

@@ -5,8 +5,12 @@
     CACHE/ingest/<ref key>/data    the blob, written sparse at any offset
     CACHE/ingest/<ref key>/state   ref, digest, size, and which ranges are present: a later process resumes
 
-Bytes are hashed as they land in order (no read-back), the rest off the trio thread once the
-prefix grows past them; the commit checks size and digest before the blob becomes permanent.
+Every byte is hashed once, in the worker thread that writes it or the one that next extends the
+hashed prefix: bytes that land in order are hashed in the trip that writes them; bytes that land
+ahead of the prefix (the next Range request of a sequential reader) are held in memory, up to
+:data:`HOLD` bytes, and hashed from there once the prefix reaches them. Only what did not fit (or
+a resumed ingest) is read back from the file. The commit checks size and digest before the blob
+becomes permanent.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 4 << 20
+# Bytes landed ahead of the hashed prefix kept in memory until it reaches them (read back from
+# the ingest otherwise): about what a sequential reader's next request lands before the current
+# one ends, bounded so a mount stays well under its RSS budget.
+HOLD = 32 << 20
+RECENT = 4  # chunks just landed that a read is answered from without a pread
 
 
 class LocalWriter:
@@ -72,6 +82,9 @@ class LocalWriter:
         self.hashed = 0
         self._hash = hashlib.sha256()
         self._hash_lock = trio.Lock()
+        self._held: dict[int, bytes] = {}  # offset -> bytes landed ahead of the hashed prefix
+        self._held_bytes = 0
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)
         self._ops = 0  # writes in worker threads; the fd stays open until they end
         self._changed = trio.Event()
 
@@ -129,12 +142,16 @@ class LocalWriter:
         self._ops += 1
         try:
             if offset == self.hashed and not self._hash_lock.locked():
-                # in order: hash it in the same trip to the worker thread, no read-back later
+                # in order: hash it in the same trip to the worker thread, and whatever landed
+                # ahead and is held, now contiguous with it — no read-back later
                 async with self._hash_lock:
-                    await trio.to_thread.run_sync(_pwrite_and_hash, self.fd, data, offset, self._hash)
-                    self.hashed = offset + len(data)
+                    after = self._take_held(offset + len(data))
+                    self.hashed = await trio.to_thread.run_sync(_pwrite_and_hash, self.fd, data, offset, self._hash, after)
             else:
                 await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
+                if offset >= self.hashed and self._held_bytes + len(data) <= HOLD:
+                    self._held[offset] = data
+                    self._held_bytes += len(data)
         finally:
             self._ops -= 1
             if self.closed:
@@ -142,7 +159,14 @@ class LocalWriter:
         if self.closed:
             raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         self.present.add(offset, offset + len(data))
+        self._recent.append((offset, data))
         self.notify()
+        if self.hashed in self._held and not self._hash_lock.locked():
+            # what landed at the hashed prefix while it was being extended: hash it now, from memory
+            async with self._hash_lock:
+                chain = self._take_held(self.hashed)
+                if chain:
+                    self.hashed = await trio.to_thread.run_sync(_hash_all, self._hash, self.hashed, chain)
 
     def save(self) -> None:
         """Record which ranges are present, so a crash or unmount loses no fetched byte.
@@ -155,16 +179,42 @@ class LocalWriter:
             except OSError as exc:
                 log.warning("%s: cannot record progress: %s", self.ref, exc)
 
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes already written; callers check ``present`` first."""
+    def pread(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes already written; callers check ``present`` first. A range inside a chunk that just
+        landed is answered from that chunk (a view, no copy: readers waiting for it are woken
+        by its landing), else by ``pread``."""
+        for start, chunk in reversed(self._recent):
+            if start <= offset and offset + size <= start + len(chunk):
+                return memoryview(chunk)[offset - start : offset - start + size]
         return os.pread(self.fd, size, offset)
 
+    def _take_held(self, pos: int) -> list[bytes]:
+        """The held chunks contiguous from ``pos``, removed from the hold (the caller hashes them)."""
+        out = []
+        while True:
+            data = self._held.pop(pos, None)
+            if data is None:
+                return out
+            self._held_bytes -= len(data)
+            out.append(data)
+            pos += len(data)
+
     async def hash_prefix(self) -> None:
-        """Hash the present prefix not hashed yet, reading it back in a worker thread."""
+        """Hash the present prefix not hashed yet: held chunks from memory, the rest read back,
+        in a worker thread."""
         async with self._hash_lock:
             target = self.present.prefix()
-            if target > self.hashed and not self.closed:
-                self.hashed = await trio.to_thread.run_sync(_hash_file, self.data_path, self._hash, self.hashed, target)
+            while target > self.hashed and not self.closed:
+                held = self._take_held(self.hashed)
+                if held:
+                    self.hashed = await trio.to_thread.run_sync(_hash_all, self._hash, self.hashed, held)
+                    continue
+                ahead = [k for k in self._held if k > self.hashed]
+                upto = min([target, *ahead])
+                self.store.count("bytes_read_back", upto - self.hashed)
+                self.hashed = await trio.to_thread.run_sync(_hash_file, self.data_path, self._hash, self.hashed, upto)
+            for k in [k for k in self._held if k < self.hashed]:  # hashed meanwhile by a read-back
+                self._held_bytes -= len(self._held.pop(k))
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -235,6 +285,9 @@ class LocalWriter:
 
     def _close(self) -> None:
         self.closed = True
+        self._held.clear()
+        self._held_bytes = 0
+        self._recent.clear()
         self.store.release(self)
         if self.lock is not None:
             self.lock.close()
@@ -255,9 +308,18 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _pwrite_and_hash(fd: int, data: bytes, offset: int, hasher) -> None:
+def _pwrite_and_hash(fd: int, data: bytes, offset: int, hasher, after: list[bytes]) -> int:
+    """Write ``data`` at ``offset`` and hash it, then the held chunks ``after`` it; the new end of
+    the hashed prefix."""
     _pwrite_all(fd, data, offset)
-    hasher.update(data)
+    return _hash_all(hasher, offset, [data, *after])
+
+
+def _hash_all(hasher, pos: int, chunks: list[bytes]) -> int:
+    for chunk in chunks:
+        hasher.update(chunk)
+        pos += len(chunk)
+    return pos
 
 
 def _hash_file(path: Path, hasher, start: int, end: int) -> int:

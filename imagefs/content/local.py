@@ -47,6 +47,7 @@ class StoreStatistics:
     hits: int = 0  # content asked for (a writer, a whole read) that was committed already
     lock_waits: int = 0  # writers refused because another holder had the ref: the caller backs off
     verify_failures: int = 0  # complete ingests whose size or digest was wrong
+    bytes_read_back: int = 0  # ingest bytes read back from disk to be hashed (not hashed as they landed or from memory)
 
 
 class LocalStore:

@@ -91,8 +91,9 @@ class Writer(Protocol):
     async def write_at(self, offset: int, data: bytes) -> None:
         """Land ``data`` at ``offset``; more than ``size`` is a ``DigestMismatch``."""
 
-    def pread(self, offset: int, size: int) -> bytes:
-        """Bytes already present (callers check :attr:`present` first)."""
+    def pread(self, offset: int, size: int) -> bytes | memoryview:
+        """Bytes already present (callers check :attr:`present` first); a view of a chunk still in
+        memory is as good (FUSE replies take any buffer)."""
 
     def save(self) -> None:
         """Record which ranges are present, so a later process resumes (best effort)."""

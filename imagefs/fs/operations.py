@@ -170,7 +170,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         self._next_fh += 1
         if node.item is not None:  # layer files are read through verified spans or committed blobs
-            self.handles[self._next_fh] = (node, None)
+            # a handle per open file: a plain-tar member read in order gets readahead
+            handle = self.layers.open(node.view.layers[node.item.layer], node.item.entry, inode)
+            self.handles[self._next_fh] = (node, handle)
             return pyfuse3.FileInfo(fh=self._next_fh, keep_cache=True)
         # Keep the page cache only for verified bytes: an open while a blob streams starts afresh.
         keep = node.data is not None or (node.desc is not None and self.reader.committed(node.desc))
@@ -193,7 +195,7 @@ class Operations(pyfuse3.Operations):
             return node.data[off : off + size]
         if node.item is not None:
             desc = node.view.layers[node.item.layer]
-            return await self.layers.read(desc, node.item.entry, off, size)
+            return await self.layers.read(desc, node.item.entry, off, size, handle)
         desc = node.desc
         if self.reader.committed(desc):
             return self.reader.read_committed(desc, off, size)

@@ -12,18 +12,19 @@
 - :meth:`~TocLayers.open_committed`: a blob fetched whole and verified anyway (no annotation) whose
   footer says it has a TOC — the TOC is then as trusted as the blob, and is used the same way.
 
-Reading (:meth:`~TocLayers.read`) fetches only the chunks a read touches (from the committed blob
-if it is here, else one Range request each), inflates each in a worker thread and checks it
-against its ``chunkDigest`` before a byte is served; a few verified chunks stay in memory, and
-those fetched from the registry are kept in ``CACHE/pieces`` (:mod:`..content.pieces`, named by
-their ``chunkDigest``) so the next mount reads them again without a request.
+Reading (:meth:`~TocLayers.read`) fetches only the chunks a read touches, each a whole piece
+(:meth:`BlobRanges.span <imagefs.blobranges.BlobRanges.span>`: from the committed blob if it is
+here, else kept by an earlier mount, else one Range request), inflated in a worker thread and
+checked against its ``chunkDigest`` before a byte is served; a few verified chunks stay in memory,
+and those fetched from the registry are kept in ``CACHE/pieces`` (:mod:`..content.pieces`, named
+by their ``chunkDigest``) so the next mount reads them again without a request. Footers and TOCs
+are whole pieces too, checked here against their annotations.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,11 +33,10 @@ from pathlib import Path
 import trio
 import zstandard
 
-from ..content.store import Store
+from ..blobranges import KEPT, REGISTRY, BlobRanges, Piece
 from ..content.pieces import Pieces
 from ..descriptors import Descriptor
 from ..errors import DigestMismatch, InvalidLayer
-from ..handlers import Fetcher
 from . import estargz, toc, zstdchunked
 from .entries import Entry
 from .toc import ESTARGZ, ZSTD_CHUNKED, Chunk, Saved, TocIndex
@@ -87,10 +87,10 @@ class _NotThisFormat(Exception):
 class TocLayers:
     """TOC-indexed layers of one mount: their indexes, and their files' bytes chunk by chunk."""
 
-    def __init__(self, store: Store, fetcher: Fetcher, cache_dir: Path, stats: TocStatistics | None = None,
-                 nursery: trio.Nursery | None = None) -> None:
-        """``cache_dir``: where verified TOCs and chunks are kept beside the store (:mod:`..content.layout`)."""
-        self.store, self.fetcher, self.nursery = store, fetcher, nursery
+    def __init__(self, ranges: BlobRanges, cache_dir: Path, stats: TocStatistics | None = None) -> None:
+        """``ranges``: where blob bytes come from (chunk read-ahead runs in its nursery);
+        ``cache_dir``: where verified TOCs and chunks are kept beside the store (:mod:`..content.layout`)."""
+        self.ranges, self.nursery = ranges, ranges.nursery
         self.root = Path(cache_dir)
         self.tocs: dict[str, TocIndex] = {}
         self.stats = stats or TocStatistics()
@@ -211,27 +211,11 @@ class TocLayers:
     # -- bytes ----------------------------------------------------------------------------------
 
     async def _get(self, desc: Descriptor, start: int, end: int) -> bytes:
-        """Blob bytes ``[start, end)``: from the committed blob if it is here, else one Range request."""
-        path = self.store.path(desc.digest)
-        if path is not None:
-            def pread() -> bytes | None:
-                try:
-                    with open(path, "rb") as f:
-                        return os.pread(f.fileno(), end - start, start)
-                except FileNotFoundError:  # evicted just now: the registry still has it
-                    return None
-            data = await trio.to_thread.run_sync(pread)
-            if data is not None:
-                return data
-        parts = []
-        async with self.fetcher.open(desc, start, end) as stream:
-            async for piece in stream:
-                parts.append(piece)
-        data = b"".join(parts)
-        self.stats.bytes_fetched += len(data)
-        if len(data) != end - start:
-            raise InvalidLayer(f"{desc.ref_key}: asked for bytes {start}-{end - 1}, got {len(data)}")
-        return data
+        """Blob bytes ``[start, end)`` whole (a footer, a TOC: the caller checks them)."""
+        got = await self.ranges.span(desc, start, end)
+        if got.source == REGISTRY:
+            self.stats.bytes_fetched += len(got.data)
+        return got.data
 
     async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int) -> bytes:
         """``size`` bytes of ``entry`` at ``offset``, from verified chunks only."""
@@ -281,15 +265,14 @@ class TocLayers:
                 data = self._kept.get(key)
                 if data is None:
                     pieces = self._pieces.get(desc.digest) or self._pieces.setdefault(desc.digest, Pieces(self.root, desc.digest))
-                    here = self.store.path(desc.digest) is not None  # then the blob is all the cache it needs
-                    data = None if here else await trio.to_thread.run_sync(pieces.get, c.digest)
-                    if data is not None:
+                    got = await self.ranges.span(desc, c.begin, c.end, _piece(fmt, c, f"{desc.ref_key}: {path}"), pieces)
+                    data = got.data
+                    if got.source == KEPT:
                         self.stats.chunks_kept += 1
                     else:
-                        compressed = await self._get(desc, c.begin, c.end)
                         self.stats.chunks_fetched += 1
-                        data = await trio.to_thread.run_sync(_verified, fmt, compressed, c, f"{desc.ref_key}: {path}",
-                                                             None if here else pieces)
+                        if got.source == REGISTRY:
+                            self.stats.bytes_fetched += c.end - c.begin
                     self._remember(key, data)
         finally:
             if not lock.statistics().tasks_waiting and not lock.locked():
@@ -303,16 +286,16 @@ class TocLayers:
             self._kept_bytes -= len(self._kept.popitem(last=False)[1])
 
 
-def _verified(fmt: str, compressed: bytes, c: Chunk, label: str, keep: Pieces | None = None) -> bytes:
-    """Inflate one chunk and check it against its digest, then ``keep`` it (blocking: a worker thread)."""
+def _piece(fmt: str, c: Chunk, label: str) -> Piece:
+    """A TOC chunk as a whole piece: inflated, then checked against its ``chunkDigest``."""
     inflate = estargz.inflate if fmt == ESTARGZ else zstdchunked.inflate
-    try:
-        data = inflate(compressed, c.inner, c.size)
-    except (zlib.error, zstandard.ZstdError) as exc:
-        raise DigestMismatch(f"{label}: the chunk at byte {c.start} does not inflate ({exc}); blob bytes {c.begin}-{c.end - 1}") from exc
-    if len(data) != c.size or hashlib.sha256(data).hexdigest() != c.digest:
-        raise DigestMismatch(f"{label}: the chunk at byte {c.start} does not match its chunkDigest "
-                             f"(blob bytes {c.begin}-{c.end - 1})")
-    if keep is not None:
-        keep.put(c.digest, data)
-    return data
+
+    def decode(compressed: bytes) -> bytes:  # blocking: a worker thread
+        try:
+            return inflate(compressed, c.inner, c.size)
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise DigestMismatch(f"{label}: the chunk at byte {c.start} does not inflate ({exc}); "
+                                 f"blob bytes {c.begin}-{c.end - 1}") from exc
+
+    return Piece(c.digest, f"{label}: the chunk at byte {c.start} does not match its chunkDigest "
+                           f"(blob bytes {c.begin}-{c.end - 1})", decode)

@@ -8,11 +8,13 @@ whole blob matched its digest. Many lookups of one layer wait for one build.
 
 Reading a file (:meth:`Layers.read`):
 
-- plain tar: the member's bytes are a range of the blob, read through the ``BlobReader``;
-- gzip: inflate from the checkpoint before the offset; the compressed spans come from the
-  committed blob if it is here, else from the registry, one Range request per span, each verified
-  against the index (an evicted blob costs only the spans read) and kept in ``CACHE/pieces``
-  (:mod:`..content.pieces`), so the next mount reads it again without the registry;
+- plain tar: the member's bytes are a range of the blob, served by :meth:`BlobRanges.read
+  <imagefs.blobranges.BlobRanges.read>` through a handle per open file (or per layer), so a file
+  read in order gets readahead, stopped at the member's end;
+- gzip: inflate from the checkpoint before the offset; the compressed spans are whole pieces
+  (:meth:`BlobRanges.span <imagefs.blobranges.BlobRanges.span>`): from the committed blob if it is
+  here, else kept by an earlier read (``CACHE/pieces``), else one Range request per span, each
+  verified against the index (an evicted blob costs only the spans read) and kept;
 - zstd: no checkpoints: the blob is completed and inflated from its start; a reader continues
   from where the last read of that layer stopped;
 - eStargz and zstd:chunked (:mod:`.lazy`): listed from their verified TOC without fetching the
@@ -22,10 +24,8 @@ Reading a file (:meth:`Layers.read`):
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import trio
 
+from ..blobranges import KEPT, REGISTRY, BlobRanges, Handle, Piece
 from ..content import labels
 from ..content.pieces import Pieces
 from ..descriptors import Descriptor, is_manifest
 from ..errors import ImagefsError, InvalidLayer, RegistryError
-from ..reader import BlobReader
 from . import diffids, entries, gzpass, lazy, remote, tarindex, zran
 from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex, sniff
 
@@ -137,7 +137,7 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
 class Layers:
     """Indexes and file reads for the layers of one mount."""
 
-    def __init__(self, reader: BlobReader, remote_indexes: remote.RemoteIndexes | None = None, *,
+    def __init__(self, reader: BlobRanges, remote_indexes: remote.RemoteIndexes | None = None, *,
                  cache_dir: Path) -> None:
         """``remote_indexes``: where zTOCs published in the registry are found (None: never looked for);
         ``cache_dir``: where layer indexes and verified pieces are kept beside the store."""
@@ -148,7 +148,8 @@ class Layers:
         self._gz: dict[str, zran.RandomAccess] = {}
         self._zstd: dict[str, _ZstdCursor] = {}
         self.stats = LayerStatistics()
-        self.toc = lazy.TocLayers(reader.store, reader.fetcher, self.root, self.stats.toc, reader.nursery)
+        self.toc = lazy.TocLayers(reader, self.root, self.stats.toc)
+        self._handles: dict[str, Handle] = {}  # plain-tar reads without a handle of their own: one per layer
         self.remote = remote_indexes
         if remote_indexes is not None:
             remote_indexes.stats = self.stats.remote
@@ -284,8 +285,14 @@ class Layers:
 
     # -- reading --------------------------------------------------------------------------------
 
-    async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int) -> bytes:
-        """``size`` bytes of ``entry``'s data at ``offset``."""
+    def open(self, desc: Descriptor, entry: Entry, inode: int) -> Handle:
+        """A handle for one open member file: a plain-tar member read in order gets readahead
+        (stopped at its end); other layers ignore it."""
+        return self.reader.open(desc, inode, start=entry.offset, end=entry.offset + entry.size)
+
+    async def read(self, desc: Descriptor, entry: Entry, offset: int, size: int,
+                   handle: Handle | None = None) -> bytes | memoryview:
+        """``size`` bytes of ``entry``'s data at ``offset``; ``handle`` from :meth:`open`."""
         size = min(size, entry.size - offset)
         if size <= 0:
             return b""
@@ -298,7 +305,10 @@ class Layers:
             return data
         pos = entry.offset + offset
         if index.compression == PLAIN:
-            return await self.reader.read(desc, pos, size)
+            if handle is None:
+                handle = self._handles.get(desc.digest) or self._handles.setdefault(desc.digest, self.reader.open(desc, 0))
+                handle.end = entry.offset + entry.size  # readahead stops at the member being read
+            return await self.reader.read(desc, pos, size, handle)
         if index.compression == GZIP:
             ra = self._gz.get(desc.digest)
             if ra is None:
@@ -319,40 +329,23 @@ class Layers:
         return data
 
     def _span_fetcher(self, desc: Descriptor, index: LayerIndex):
-        """Compressed bytes for a worker thread: from the committed blob, else a span kept by an
-        earlier read, else one Range request (a verified span is then kept)."""
-        store, fetcher, stats = self.reader.store, self.reader.fetcher, self.stats
+        """Compressed bytes for a worker thread, each span a whole piece checked against the index
+        (:meth:`BlobRanges.span <imagefs.blobranges.BlobRanges.span>`: the committed blob, else a
+        kept piece, else one Range request, kept once checked)."""
+        ranges, stats = self.reader, self.stats
         digests = {s[0]: s[1] for s in index.spans}  # start -> sha256 of the span: SpanFile asks whole spans
         pieces = Pieces(self.root, desc.digest)
 
-        async def fetch(start: int, end: int) -> bytes:
-            parts = []
-            async with fetcher.open(desc, start, end) as stream:
-                async for chunk in stream:
-                    parts.append(chunk)
-            stats.spans_fetched += 1
-            stats.span_bytes_fetched += sum(map(len, parts))
-            return b"".join(parts)
-
         def get(start: int, end: int) -> tuple[bytes, bool]:
-            path = store.path(desc.digest)
-            if path is not None:
-                try:
-                    with open(path, "rb") as f:
-                        return os.pread(f.fileno(), end - start, start), False
-                except FileNotFoundError:  # evicted just now: the registry still has it
-                    pass
-            digest = digests.get(start)
-            if digest is not None:
-                data = pieces.get(digest)  # checked as it is loaded
-                if data is not None:
-                    stats.spans_kept += 1
-                    return data, True
-            data = trio.from_thread.run(fetch, start, end)
-            checked = digest is not None and hashlib.sha256(data).hexdigest() == digest
-            if checked:
-                pieces.put(digest, data)
-            return data, checked  # a wrong span is SpanFile's to refuse, and never kept
+            digest = digests.get(start) or ""  # none: a zTOC's gzip header, SpanFile's to check
+            piece = Piece(digest, f"{desc.ref_key}: compressed bytes {start}-{end - 1} do not match the digest in the index")
+            got = trio.from_thread.run(ranges.span, desc, start, end, piece, pieces)
+            if got.source == KEPT:
+                stats.spans_kept += 1
+            elif got.source == REGISTRY:
+                stats.spans_fetched += 1
+                stats.span_bytes_fetched += end - start
+            return got.data, bool(digest)
 
         return get
 
@@ -362,7 +355,7 @@ class _Arriving(io.RawIOBase):
     for its bytes. They are not verified yet: what is built from them is kept only once the whole
     blob has matched its digest (a mismatch fails these reads, or the commit after them)."""
 
-    def __init__(self, reader: BlobReader, desc: Descriptor) -> None:
+    def __init__(self, reader: BlobRanges, desc: Descriptor) -> None:
         super().__init__()
         self.reader, self.desc, self.pos = reader, desc, 0
         self.handle = reader.open(desc, 0)  # one handle: the reader sees a sequential stream and fetches ahead
