@@ -122,7 +122,8 @@ async def test_bytes_landed_ahead_are_hashed_from_memory_not_read_back(tmp_path)
 
     bad = bytearray(data)
     bad[-1] ^= 1
-    with store.writer("layer-b", len(bad), "sha256:" + hashlib.sha256(data[:-1] + b"x").hexdigest()) as w:
+    wrong = "sha256:" + hashlib.sha256(data + b"x").hexdigest()  # never the digest committed above, nor bad's
+    with store.writer("layer-b", len(bad), wrong) as w:
         for off in range(len(bad) // 2, len(bad), chunk):
             await w.write_at(off, bytes(bad[off : off + chunk]))
         for off in range(0, len(bad) // 2, chunk):
