@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import AsyncIterator, Callable, Protocol
 
@@ -59,7 +60,7 @@ class Destination(Protocol):
 
     async def upload_blob(self, desc: Descriptor,
                           open_source: Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]],
-                          progress=None) -> None: ...
+                          progress=None, file: "CommittedBlob | None" = None) -> None: ...
 
     async def manifest_exists(self, desc: Descriptor) -> bool: ...
 
@@ -69,6 +70,15 @@ class Destination(Protocol):
 
 
 # -- where a blob's bytes come from -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CommittedBlob:
+    """A blob committed in the cache, which a destination may read itself (a registry sends it with
+    ``sendfile``) instead of through ``open_source``, calling ``read(n)`` for what it read."""
+
+    path: Path
+    read: Callable[[int], None]
 
 
 class BlobSource:
@@ -111,6 +121,17 @@ class BlobSource:
             yield gen
         finally:
             await gen.aclose()
+
+    def committed(self) -> CommittedBlob | None:
+        """The committed cache file, when the bytes come from it rather than SRC."""
+        path = self.store.path(self.desc.digest)
+        if path is None or self.writer is not None:
+            return None
+        return CommittedBlob(path, self._read_from_file)
+
+    def _read_from_file(self, n: int) -> None:
+        self.from_cache += n
+        self.on_bytes(n)
 
     async def _file(self, path, offset: int) -> AsyncIterator[bytes]:
         with open(path, "rb", buffering=0) as f:
@@ -327,7 +348,7 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
                 source = BlobSource(store, client, desc, lambda n: progress.advance(desc, n))
                 sources.append(source)
                 try:
-                    await dest.upload_blob(desc, source.open)
+                    await dest.upload_blob(desc, source.open, file=source.committed())
                 except BaseException as exc:
                     source.close(exc)
                     raise

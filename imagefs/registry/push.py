@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from pathlib import Path
+from typing import AsyncIterator, Callable, Protocol
 
 import httpx
 import trio
@@ -39,8 +41,9 @@ from .client import error_detail
 from .credentials import ssl_context
 from .hosts import uses_plain_http
 from .retry import FETCH, RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
+from .sendbody import Answered, Patch, Route, hash_file, route_of
 
-__all__ = ["Pusher", "PushStatistics", "CHUNK_SIZE"]
+__all__ = ["Pusher", "PushStatistics", "LocalFile", "CHUNK_SIZE"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,25 @@ CHUNK_SIZE = 32 << 20
 #: Error bodies are read for the registry's message, never more than this.
 MAX_ERROR_BODY = 64 * 1024
 
+#: Chunks of a streamed segment received ahead of the worker thread that sends them.
+FEED_DEPTH = 8
+#: One read of a local file sent through httpx (when no socket route is known).
+FILE_READ = 1 << 20
+
 OpenSource = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+
+
+class LocalFile(Protocol):
+    """A blob whose bytes are a local file (committed in the cache): sent from ``path`` directly,
+    with ``read(n)`` told of every ``n`` bytes sent."""
+
+    path: Path
+
+    def read(self, n: int) -> None: ...
+
+
+class _Rerouted(Exception):
+    """The socket route was refused (401/403: a token that expired); httpx takes the upload over."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +114,14 @@ class Pusher:
         scheme = "http" if uses_plain_http(ref.host, plain_http) else "https"
         self.base = f"{scheme}://{ref.host}/v2/{ref.repository}"
         self._auth = RegistryAuth(credentials)
+        self._tls = ssl_context(ca_file, insecure, cert_dir)
+        # PATCH bodies go on a plain socket (sendbody) once httpx has opened the upload; a custom
+        # transport (tests) keeps every byte on httpx.
+        self._direct = transport is None
+        self._route: Route | None = None
         self._http = httpx.AsyncClient(
             auth=self._auth,
-            verify=ssl_context(ca_file, insecure, cert_dir),
+            verify=self._tls,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
             transport=transport,
@@ -165,25 +191,40 @@ class Pusher:
         raise await self._status_error(resp, what)
 
     async def upload_blob(self, desc: Descriptor, open_source: OpenSource,
-                          progress: Callable[[int], None] | None = None) -> None:
-        """Send ``desc``'s bytes, from ``open_source(offset)``, resuming where the registry has them."""
+                          progress: Callable[[int], None] | None = None, file: LocalFile | None = None) -> None:
+        """Send ``desc``'s bytes, from ``open_source(offset)``, resuming where the registry has them.
+
+        With ``file`` (the blob is a local file) the bytes go from it with ``sendfile`` while a worker
+        thread hashes it; ``open_source`` is not called. Either way the final ``PUT`` is sent only
+        once the bytes hashed to ``desc.digest``.
+        """
         what = f"upload of {desc.digest}"
         retrier = Retrier(self.retry, f"{self.ref.name}: {what}")
         upload = await self._start(what)
         try:
-            while True:
-                try:
-                    hasher = await self._send_from(desc, upload, open_source, retrier, progress, what)
-                    break
-                except (DigestMismatch, Unauthorized, NotFound):
-                    raise
-                except ImagefsError as exc:
-                    if not await retrier.wait(exc):
-                        raise retrier.gave_up(exc)
-                    self._resumes += 1
-                    upload = await self._status(upload, what)
-                    log.info("%s: %s: %s; resuming at byte %d of %d", self.ref.name, what, exc, upload.offset, desc.size)
-            if f"sha256:{hasher.hexdigest()}" != desc.digest:
+            async with trio.open_nursery() as nursery:
+                if file is not None:
+                    nursery.start_soon(self._check_file, desc, file.path)
+                hasher = None
+                while True:
+                    try:
+                        if file is not None:
+                            await self._send_file(desc, upload, file, retrier, progress, what)
+                        else:
+                            hasher = await self._send_from(desc, upload, open_source, retrier, progress, what)
+                        break
+                    except _Rerouted:
+                        upload = await self._status(upload, what)
+                    except (DigestMismatch, Unauthorized, NotFound):
+                        raise
+                    except ImagefsError as exc:
+                        if not await retrier.wait(exc):
+                            raise retrier.gave_up(exc)
+                        self._resumes += 1
+                        upload = await self._status(upload, what)
+                        log.info("%s: %s: %s; resuming at byte %d of %d", self.ref.name, what, exc, upload.offset,
+                                 desc.size)
+            if hasher is not None and f"sha256:{hasher.hexdigest()}" != desc.digest:
                 raise DigestMismatch(f"{desc.ref_key}: the source's bytes hash to sha256:{hasher.hexdigest()}, "
                                      f"not {desc.digest}; nothing was stored")
             await self._finish(upload, desc, what)
@@ -192,6 +233,30 @@ class Pusher:
                 await self._cancel(upload.location)
             raise
         self._uploaded += 1
+
+    async def _check_file(self, desc: Descriptor, path: Path) -> None:
+        """Hash ``path`` (in parallel with sending it); a mismatch ends the upload before its ``PUT``."""
+        digest, size = await trio.to_thread.run_sync(hash_file, path, desc.size)
+        if size != desc.size or digest != desc.digest:
+            raise DigestMismatch(f"{desc.ref_key}: {path} holds {size} bytes that hash to {digest}, not "
+                                 f"{desc.digest}; nothing was stored")
+
+    async def _send_file(self, desc: Descriptor, upload: _Upload, file: LocalFile, retrier: Retrier,
+                         progress: Callable[[int], None] | None, what: str) -> None:
+        """PATCH the rest of ``file`` from ``upload.offset``, a segment at a time."""
+        def sent(n: int) -> None:
+            file.read(n)
+            if progress is not None:
+                progress(n)
+
+        fd = await trio.to_thread.run_sync(os.open, file.path, os.O_RDONLY)
+        try:
+            while upload.offset < desc.size:
+                start = upload.offset
+                await self._segment(upload, start, min(self.chunk_size, desc.size - start), what, fd=fd, progress=sent)
+                retrier.progress()
+        finally:
+            os.close(fd)
 
     async def _send_from(self, desc: Descriptor, upload: _Upload, open_source: OpenSource, retrier: Retrier,
                          progress: Callable[[int], None] | None, what: str):
@@ -205,38 +270,85 @@ class Pusher:
                 hashed += len(data)
             while hashed < desc.size:
                 upload.mark = (hasher.copy(), hashed)
-                start, n, sent = hashed, min(self.chunk_size, desc.size - hashed), 0
-
-                async def body() -> AsyncIterator[bytes]:
-                    nonlocal sent
-                    async for data in chunks.take(n):
-                        hasher.update(data)
-                        sent += len(data)
-                        if progress is not None:
-                            progress(len(data))
-                        yield data
-
-                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(n),
-                           "Content-Range": f"{start}-{start + n - 1}"}
-                resp = await self._once("PATCH", upload.location, what=what, headers=headers, content=body())
-                await resp.aclose()
-                if resp.status_code != 202:
-                    raise await self._status_error(resp, what)
-                if sent != n:
-                    raise RegistryError(f"{desc.ref_key}: the source ended at byte {start + sent} of {desc.size}")
+                n = min(self.chunk_size, desc.size - hashed)
+                await self._segment(upload, hashed, n, what, chunks=chunks, hasher=hasher, progress=progress)
                 hashed += n
-                self._bytes += n
-                upload.location, upload.offset = self._location(resp), hashed
                 retrier.progress()
         if hashed != desc.size:
             raise RegistryError(f"{desc.ref_key}: the source ended at byte {hashed} of {desc.size}")
         return hasher
+
+    async def _segment(self, upload: _Upload, start: int, n: int, what: str, *, chunks: "_Reader | None" = None,
+                       fd: int | None = None, hasher=None, progress: Callable[[int], None] | None = None) -> None:
+        """PATCH ``[start, start + n)`` from ``chunks`` (fed to ``hasher`` as they go) or from ``fd``;
+        on success the upload stands at ``start + n``. On the socket route when httpx opened this
+        upload's origin, else through httpx."""
+        route = self._route if self._route is not None and self._route.serves(httpx.URL(upload.location)) else None
+        if route is not None:
+            resp, sent = await self._socket_patch(route, upload.location, start, n, what, chunks, fd, hasher, progress)
+        else:
+            sent = 0
+
+            async def body() -> AsyncIterator[bytes]:
+                nonlocal sent
+                async for data in (chunks.take(n) if chunks is not None else _file_pieces(fd, start, n)):
+                    if hasher is not None:
+                        hasher.update(data)
+                    sent += len(data)
+                    if progress is not None:
+                        progress(len(data))
+                    yield data
+
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(n),
+                       "Content-Range": f"{start}-{start + n - 1}"}
+            resp = await self._once("PATCH", upload.location, what=what, headers=headers, content=body())
+        await resp.aclose()
+        if route is not None and resp.status_code in (401, 403):
+            log.debug("%s: %s: the socket route was refused (%d); going on through httpx", self.ref.name, what,
+                      resp.status_code)
+            self._route = None
+            raise _Rerouted()
+        if resp.status_code != 202:
+            raise await self._status_error(resp, what)
+        if sent != n:
+            raise RegistryError(f"{self.ref.name}: {what}: the source ended at byte {start + sent}")
+        self._bytes += n
+        upload.location, upload.offset = self._location(resp), start + n
+
+    async def _socket_patch(self, route: Route, location: str, start: int, n: int, what: str, chunks, fd, hasher,
+                            progress) -> tuple[httpx.Response, int]:
+        """One PATCH through :class:`~.sendbody.Patch`: the registry's answer as a response, and bytes sent."""
+        self._requests += 1
+        url = httpx.URL(location)
+        patch = Patch(route, url, start, n, self.timeout)
+        try:
+            async with patch:
+                await patch.open()
+                if fd is not None:
+                    await patch.send_file(fd, start, n, progress)
+                else:
+                    await _feed(patch, chunks.take(n), hasher, progress)
+                if patch.sent != n:
+                    raise RegistryError(f"{self.ref.name}: {what}: the source ended at byte {start + patch.sent}")
+                answer = await patch.answer()
+        except Answered as exc:
+            answer = exc.answer
+        except OSError as exc:
+            error = f"no answer within {self.timeout:g} s" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+            raise RegistryError(f"registry {self.ref.host}: {what}: {error}") from exc
+        resp = httpx.Response(answer.status, headers=answer.headers, content=answer.body,
+                              request=httpx.Request("PATCH", url))
+        if answer.status in RETRY_STATUSES:
+            raise await self._status_error(resp, what)
+        return resp, patch.sent
 
     async def _start(self, what: str) -> _Upload:
         resp = await self._send("POST", f"{self.base}/blobs/uploads/", what=what)
         await resp.aclose()
         if resp.status_code != 202:
             raise await self._status_error(resp, what)
+        if self._direct:
+            self._route = route_of(resp.request, self._tls)
         return _Upload(self._location(resp))
 
     async def _status(self, upload: _Upload, what: str) -> _Upload:
@@ -376,3 +488,32 @@ class _Reader:
             data, self._left = self._left[:n], self._left[n:]
             n -= len(data)
             yield data
+
+
+async def _feed(patch: Patch, chunks: AsyncIterator[bytes], hasher, progress: Callable[[int], None] | None) -> None:
+    """Send ``chunks`` through ``patch``: received here while a worker thread hashes and sends the ones before."""
+    send, recv = trio.open_memory_channel(FEED_DEPTH)
+
+    async def produce() -> None:
+        async with send:
+            async for data in chunks:
+                await send.send(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with recv:
+            async for data in recv:
+                await patch.send(data, hasher)
+                if progress is not None:
+                    progress(len(data))
+
+
+async def _file_pieces(fd: int, start: int, n: int) -> AsyncIterator[bytes]:
+    """``fd``'s bytes ``[start, start + n)``, read in worker threads."""
+    end = start + n
+    while start < end:
+        data = await trio.to_thread.run_sync(os.pread, fd, min(FILE_READ, end - start), start)
+        if not data:
+            return
+        start += len(data)
+        yield data
