@@ -191,12 +191,15 @@ class Pusher:
         raise await self._status_error(resp, what)
 
     async def upload_blob(self, desc: Descriptor, open_source: OpenSource,
-                          progress: Callable[[int], None] | None = None, file: LocalFile | None = None) -> None:
+                          progress: Callable[[int], None] | None = None, file: LocalFile | None = None,
+                          verified: bool = False) -> None:
         """Send ``desc``'s bytes, from ``open_source(offset)``, resuming where the registry has them.
 
         With ``file`` (the blob is a local file) the bytes go from it with ``sendfile`` while a worker
-        thread hashes it; ``open_source`` is not called. Either way the final ``PUT`` is sent only
-        once the bytes hashed to ``desc.digest``.
+        thread hashes it; ``open_source`` is not called. ``verified`` says that every stream
+        ``open_source`` gives raises before its last byte unless the whole blob hashed to
+        ``desc.digest`` (the copy's sources do): they are not hashed here again. Either way the
+        final ``PUT`` is sent only once the bytes hashed to the digest.
         """
         what = f"upload of {desc.digest}"
         retrier = Retrier(self.retry, f"{self.ref.name}: {what}")
@@ -211,7 +214,8 @@ class Pusher:
                         if file is not None:
                             await self._send_file(desc, upload, file, retrier, progress, what)
                         else:
-                            hasher = await self._send_from(desc, upload, open_source, retrier, progress, what)
+                            hasher = await self._send_from(desc, upload, open_source, retrier, progress, what,
+                                                           verified)
                         break
                     except _Rerouted:
                         upload = await self._status(upload, what)
@@ -259,17 +263,22 @@ class Pusher:
             os.close(fd)
 
     async def _send_from(self, desc: Descriptor, upload: _Upload, open_source: OpenSource, retrier: Retrier,
-                         progress: Callable[[int], None] | None, what: str):
-        """PATCH the rest of the blob from ``upload.offset``, a segment at a time; the whole blob's hasher."""
-        mark, hashed = upload.mark
-        hasher = mark.copy()
+                         progress: Callable[[int], None] | None, what: str, verified: bool):
+        """PATCH the rest of the blob from ``upload.offset``, a segment at a time; the whole blob's
+        hasher (None for a verified source, which hashes itself)."""
+        if verified:
+            hasher, hashed = None, upload.offset
+        else:
+            mark, hashed = upload.mark
+            hasher = mark.copy()
         async with open_source(hashed) as source:
             chunks = _Reader(source)
             async for data in chunks.take(upload.offset - hashed):  # held by the registry: hash, don't send
                 hasher.update(data)
                 hashed += len(data)
             while hashed < desc.size:
-                upload.mark = (hasher.copy(), hashed)
+                if hasher is not None:
+                    upload.mark = (hasher.copy(), hashed)
                 n = min(self.chunk_size, desc.size - hashed)
                 await self._segment(upload, hashed, n, what, chunks=chunks, hasher=hasher, progress=progress)
                 hashed += n
@@ -485,7 +494,10 @@ class _Reader:
                     return
                 if not self._left:
                     continue
-            data, self._left = self._left[:n], self._left[n:]
+            if len(self._left) <= n:  # the usual case: the whole chunk, not a copy of it
+                data, self._left = self._left, b""
+            else:
+                data, self._left = self._left[:n], self._left[n:]
             n -= len(data)
             yield data
 
