@@ -27,13 +27,14 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
 import httpx
 import trio
 
 from .direct import proxied
 
-__all__ = ["Route", "Answer", "Answered", "Patch", "route_of", "hash_file"]
+__all__ = ["Route", "Answer", "Answered", "Patch", "ChunkReader", "route_of", "feed", "file_pieces", "hash_file"]
 
 MAX_HEAD = 64 * 1024
 #: Error bodies are read for the registry's message, never more than this.
@@ -42,6 +43,10 @@ MAX_BODY = 64 * 1024
 FILE_PIECE = 16 << 20
 #: One read of :func:`hash_file`.
 HASH_PIECE = 4 << 20
+#: Chunks of a streamed segment received ahead of the worker thread that sends them.
+FEED_DEPTH = 8
+#: One read of :func:`file_pieces` (a local file sent through httpx, when no route is known).
+FILE_READ = 1 << 20
 # Headers of httpx's request that a PATCH does not replay: it frames its own body.
 _DROP = frozenset({b"host", b"connection", b"content-length", b"content-type", b"content-range",
                    b"transfer-encoding", b"keep-alive", b"te", b"expect"})
@@ -295,3 +300,56 @@ def hash_file(path, size: int) -> tuple[str, int]:
                 hasher.update(view[:k])
                 got += k
     return "sha256:" + hasher.hexdigest(), got
+
+
+class ChunkReader:
+    """A source's chunks re-cut to exact lengths, so each PATCH sends what its headers say."""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._it = source.__aiter__()
+        self._left = b""
+
+    async def take(self, n: int) -> AsyncIterator[bytes]:
+        while n > 0:
+            if not self._left:
+                try:
+                    self._left = await self._it.__anext__()
+                except StopAsyncIteration:
+                    return
+                if not self._left:
+                    continue
+            if len(self._left) <= n:  # the usual case: the whole chunk, not a copy of it
+                data, self._left = self._left, b""
+            else:
+                data, self._left = self._left[:n], self._left[n:]
+            n -= len(data)
+            yield data
+
+
+async def feed(patch: Patch, chunks: AsyncIterator[bytes], hasher, progress: Callable[[int], None] | None) -> None:
+    """Send ``chunks`` through ``patch``: received here while a worker thread hashes and sends the ones before."""
+    send, recv = trio.open_memory_channel(FEED_DEPTH)
+
+    async def produce() -> None:
+        async with send:
+            async for data in chunks:
+                await send.send(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with recv:
+            async for data in recv:
+                await patch.send(data, hasher)
+                if progress is not None:
+                    progress(len(data))
+
+
+async def file_pieces(fd: int, start: int, n: int) -> AsyncIterator[bytes]:
+    """``fd``'s bytes ``[start, start + n)``, read in worker threads."""
+    end = start + n
+    while start < end:
+        data = await trio.to_thread.run_sync(os.pread, fd, min(FILE_READ, end - start), start)
+        if not data:
+            return
+        start += len(data)
+        yield data
