@@ -101,6 +101,84 @@ async def test_bytes_that_do_not_match_the_digest_are_never_stored(proxy, regist
     assert any(h.method == "DELETE" for h in proxy.hits), "the upload was cancelled"
 
 
+class LocalFile:
+    """A blob that is a local file, as a copy hands over a committed cache blob; counts what was read."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.sent = 0
+
+    def read(self, n: int) -> None:
+        self.sent += n
+
+
+def never_opened(offset: int):
+    raise AssertionError("a local file is sent from the file, not through open_source")
+
+
+def on_the_socket(hit) -> bool:
+    """A PATCH sent by the socket route (sendbody) rather than httpx: it alone asks to close."""
+    return hit.request_headers.get("connection", "").lower() == "close"
+
+
+async def test_a_local_file_goes_by_sendfile_and_a_cut_segment_resumes_at_the_registrys_offset(proxy, registry, tmp_path):
+    data = os.urandom(4 * 1024 * 1024 + 4321)
+    desc = blob(data)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    local = LocalFile(path)
+    faults: list = []
+    total = 0
+
+    def progress(n: int) -> None:
+        nonlocal total
+        total += n
+        if total >= 1 << 20 and not faults:  # the first segment is out: refuse the next PATCH once
+            faults.append(proxy.respond(r"/blobs/uploads/", 502, b"cut", method="PATCH", times=1))
+
+    async with Pusher(parse(f"{proxy.host}/push/file"), chunk_size=1 << 20) as pusher:
+        await pusher.upload_blob(desc, never_opened, progress=progress, file=local)
+        assert pusher.statistics().resumes == 1
+    assert faults and faults[0].applied == 1
+    assert stored(registry.host, "push/file", desc.digest) == data
+    patches = [h for h in proxy.hits if h.method == "PATCH" and h.fault is None]
+    assert sum(int(h.request_headers["content-length"]) for h in patches) == len(data), "no byte reached it twice"
+    assert all(on_the_socket(h) for h in patches)
+    assert local.sent == total == len(data) + (1 << 20), "read: the whole file, and the refused segment again"
+
+
+async def test_a_local_file_whose_bytes_do_not_hash_right_is_never_stored(proxy, registry, tmp_path):
+    data = os.urandom(3 * 1024 * 1024)
+    desc = blob(data)
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 1
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(bad))
+    async with Pusher(parse(f"{proxy.host}/push/rotten"), chunk_size=1 << 20) as pusher:
+        with pytest.raises(DigestMismatch, match=desc.digest):
+            await pusher.upload_blob(desc, never_opened, file=LocalFile(path))
+        assert not await pusher.blob_exists(desc)
+    assert not any(h.method == "PUT" for h in proxy.hits), "the final PUT is never sent for a wrong blob"
+    assert any(h.method == "DELETE" for h in proxy.hits), "the upload was cancelled"
+
+
+async def test_a_refused_socket_route_goes_back_through_httpx_and_finishes(proxy, registry, tmp_path):
+    """A 401 on a PATCH sent on the socket (a token that expired) is not the end: httpx, which knows
+    how to answer a challenge, asks where the upload stands and sends the rest."""
+    data = os.urandom(3 * 1024 * 1024)
+    desc = blob(data)
+    refused = proxy.respond(r"/blobs/uploads/", 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', method="PATCH", times=1)
+    async with Pusher(parse(f"{proxy.host}/push/rerouted"), chunk_size=1 << 20) as pusher:
+        await pusher.upload_blob(desc, source(data))
+        assert pusher.statistics().resumes == 0, "a reroute is not a failure"
+    assert refused.applied == 1
+    assert stored(registry.host, "push/rerouted", desc.digest) == data
+    patches = [h for h in proxy.hits if h.method == "PATCH"]
+    assert on_the_socket(patches[0]) and patches[0].status == 401
+    assert patches[1:] and not any(on_the_socket(h) for h in patches[1:]), "httpx sent the rest"
+    assert sum(int(h.request_headers["content-length"]) for h in patches[1:]) == len(data)
+
+
 async def test_a_cross_repository_mount_sends_no_bytes_and_a_failed_one_leaves_no_upload(proxy, registry):
     data = os.urandom(512 * 1024)
     desc = blob(data)

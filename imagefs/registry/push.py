@@ -223,8 +223,8 @@ class Pusher:
         """Hash ``path`` (in parallel with sending it); a mismatch ends the upload before its ``PUT``."""
         digest, size = await trio.to_thread.run_sync(hash_file, path, desc.size)
         if size != desc.size or digest != desc.digest:
-            raise DigestMismatch(f"{desc.ref_key}: {path} holds {size} bytes that hash to {digest}, not "
-                                 f"{desc.digest}; nothing was stored")
+            raise DigestMismatch(f"{desc.ref_key}: {path} holds {size} bytes with digest {digest}, expected "
+                                 f"{desc.size} bytes, {desc.digest}; nothing was stored (imagefs fsck --repair)")
 
     async def _send_file(self, desc: Descriptor, upload: _Upload, file: LocalFile, retrier: Retrier,
                          progress: Callable[[int], None] | None, what: str) -> None:
