@@ -12,7 +12,8 @@ first: present already (``HEAD``: *skipped*), mountable from SRC's repository on
 (*mounted*), else *uploaded*. The bytes of an upload come from the cache when it holds the blob
 committed (so a copy needs no SRC at all for what a mount or pull already fetched), else from SRC,
 streamed and teed into the cache's ingest: a cut upload resumes from what the ingest holds, the
-last chunk is handed over only once the whole blob hashed right, and the cache keeps the blob.
+last chunk is handed over only once the whole blob hashed right, and the cache keeps the blob
+(:mod:`.copysource`).
 
 DEST is a registry reference (:class:`imagefs.registry.push.Pusher`) or ``oci:DIR[:TAG]``
 (:class:`imagefs.ocilayout.OciLayout`); both answer the small :class:`Destination` protocol.
