@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import ssl
 from contextlib import asynccontextmanager
 
+import bcrypt
 import httpx
 import pytest
 
@@ -17,6 +19,7 @@ from imagefs.errors import DigestMismatch, RegistryError, Unauthorized
 from imagefs.reference import parse
 from imagefs.registry.push import Pusher
 from tests.support import Registry
+from tests.support.tls import CA, TLSRegistry
 from tests.support.tokenserver import Rule, TokenServer
 
 
@@ -177,6 +180,39 @@ async def test_a_refused_socket_route_goes_back_through_httpx_and_finishes(proxy
     assert on_the_socket(patches[0]) and patches[0].status == 401
     assert patches[1:] and not any(on_the_socket(h) for h in patches[1:]), "httpx sent the rest"
     assert sum(int(h.request_headers["content-length"]) for h in patches[1:]) == len(data)
+
+
+@pytest.fixture(scope="module")
+def tls_basic_registry(tmp_path_factory):
+    """htpasswd basic auth over TLS: the socket route must speak TLS and replay the Authorization httpx sent."""
+    workdir = tmp_path_factory.mktemp("tls-push")
+    ca = CA()
+    htpasswd = workdir / "htpasswd"
+    htpasswd.write_text(f"bob:{bcrypt.hashpw(BOB_PW.encode(), bcrypt.gensalt(4)).decode()}\n")
+    with TLSRegistry(workdir, ca, extra_config={"auth": {"htpasswd": {"realm": "push", "path": str(htpasswd)}}}) as reg:
+        yield reg, ca.write_cert(workdir / "ca.pem")
+
+
+async def test_over_tls_with_basic_auth_a_file_and_a_stream_go_up_on_the_socket_route(tls_basic_registry, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    reg, ca_file = tls_basic_registry
+    data = os.urandom(2 * 1024 * 1024 + 99)
+    other = os.urandom(1024 * 1024 + 7)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    async with Pusher(parse(f"{reg.host}/tls/app"), ca_file=str(ca_file), credentials=lambda host: ("bob", BOB_PW),
+                      chunk_size=1 << 20) as pusher:
+        await pusher.upload_blob(blob(data), never_opened, file=LocalFile(path))
+        await pusher.upload_blob(blob(other), source(other))
+        assert await pusher.blob_exists(blob(data)) and await pusher.blob_exists(blob(other))
+    auth = httpx.BasicAuth("bob", BOB_PW)
+    for payload in (data, other):
+        got = httpx.get(f"https://{reg.host}/v2/tls/app/blobs/{blob(payload).digest}",
+                        verify=ssl.create_default_context(cafile=str(ca_file)), auth=auth)
+        assert got.content == payload
+    records = "\n".join(r.getMessage() for r in caplog.records)
+    assert records.count(f"on the socket route to https://{reg.host}") == 5, "every PATCH (3 + 2 segments)"
+    assert BOB_PW not in records
 
 
 async def test_a_cross_repository_mount_sends_no_bytes_and_a_failed_one_leaves_no_upload(proxy, registry):

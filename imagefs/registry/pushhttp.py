@@ -158,6 +158,7 @@ class PushHttp:
         ``fd`` from ``start``: the registry's answer as a response (retryable answers raised), and the bytes sent."""
         self.requests += 1
         url = httpx.URL(location)
+        log.debug("%s: %s: bytes %d-%d on the socket route to %s", self.ref.name, what, start, start + n - 1, route.origin)
         patch = Patch(route, url, start, n, self.timeout)
         try:
             async with patch:
