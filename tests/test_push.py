@@ -66,20 +66,26 @@ async def test_a_multi_chunk_blob_goes_up_in_segments_and_reads_back(proxy, regi
     assert stats.blobs_uploaded == 1 and stats.bytes_uploaded == len(data) and stats.resumes == 0
 
 
+def refuse_the_second_patch(proxy, faults: list):
+    """A progress callback that, once a PATCH has been answered 202, has the proxy refuse the next
+    one with a 502. Each PATCH waits a little at the proxy before its fate is looked up, and the
+    callback runs as the next one's first bytes go out: the refusal is in place by then, and never
+    catches the first (its 202 came first)."""
+    proxy.delay(r"/blobs/uploads/", 0.2, method="PATCH")
+
+    def progress(n: int) -> None:
+        if not faults and any(h.method == "PATCH" and h.status == 202 for h in proxy.hits):
+            faults.append(proxy.respond(r"/blobs/uploads/", 502, b"cut", method="PATCH", times=1))
+
+    return progress
+
+
 async def test_a_cut_segment_resumes_at_the_registrys_offset(proxy, registry):
     data = os.urandom(4 * 1024 * 1024)
     desc = blob(data)
     opened: list[int] = []
     faults: list = []
-    total = 0
-
-    def progress(n: int) -> None:
-        # The first segment's last byte is out: refuse the next PATCH once.
-        nonlocal total
-        total += n
-        if total == 1 << 20 and not faults:
-            faults.append(proxy.respond(r"/blobs/uploads/", 502, b"cut", method="PATCH", times=1))
-
+    progress = refuse_the_second_patch(proxy, faults)
     async with Pusher(parse(f"{proxy.host}/push/resume"), chunk_size=1 << 20) as pusher:
         await pusher.upload_blob(desc, source(data, piece=1 << 16, opened=opened), progress=progress)
         assert pusher.statistics().resumes == 1
@@ -131,13 +137,13 @@ async def test_a_local_file_goes_by_sendfile_and_a_cut_segment_resumes_at_the_re
     path.write_bytes(data)
     local = LocalFile(path)
     faults: list = []
+    refuse = refuse_the_second_patch(proxy, faults)
     total = 0
 
     def progress(n: int) -> None:
         nonlocal total
         total += n
-        if total >= 1 << 20 and not faults:  # the first segment is out: refuse the next PATCH once
-            faults.append(proxy.respond(r"/blobs/uploads/", 502, b"cut", method="PATCH", times=1))
+        refuse(n)
 
     async with Pusher(parse(f"{proxy.host}/push/file"), chunk_size=1 << 20) as pusher:
         await pusher.upload_blob(desc, never_opened, progress=progress, file=local)
@@ -148,6 +154,8 @@ async def test_a_local_file_goes_by_sendfile_and_a_cut_segment_resumes_at_the_re
     assert sum(int(h.request_headers["content-length"]) for h in patches) == len(data), "no byte reached it twice"
     assert all(on_the_socket(h) for h in patches)
     assert local.sent == total == len(data) + (1 << 20), "read: the whole file, and the refused segment again"
+    assert [h.request_headers["content-range"] for h in patches][:2] == ["0-1048575", "1048576-2097151"], \
+        "resumed at the offset the registry reported"
 
 
 async def test_a_local_file_whose_bytes_do_not_hash_right_is_never_stored(proxy, registry, tmp_path):
