@@ -43,8 +43,9 @@ MAX_BODY = 64 * 1024
 FILE_PIECE = 16 << 20
 #: One read of :func:`hash_file`.
 HASH_PIECE = 4 << 20
-#: Chunks of a streamed segment received ahead of the worker thread that sends them.
-FEED_DEPTH = 8
+#: Chunks of a streamed segment received ahead of the worker thread that sends them (up to 4 MiB each
+#: from the direct path, so 16 MiB per transfer at most).
+FEED_DEPTH = 4
 #: One read of :func:`file_pieces` (a local file sent through httpx, when no route is known).
 FILE_READ = 1 << 20
 # Headers of httpx's request that a PATCH does not replay: it frames its own body.
