@@ -66,6 +66,8 @@ class BlobSource:
         self.from_source = 0  # bytes read from SRC
         self.from_cache = 0
         self.verified = trio.Event()  # the writer's blob hashed right: it may be committed
+        self._keeping = False  # upload_to is committing it
+        self._kept = trio.Event()  # ... and that commit is over (or failed)
 
     async def upload_to(self, dest) -> None:
         """``dest.upload_blob`` from this source. What streams through the cache is committed (fsync,
@@ -73,7 +75,11 @@ class BlobSource:
         final ``PUT``; a failed upload keeps good bytes for a re-run, never wrong ones."""
         async def keep() -> None:
             await self.verified.wait()
-            await self.finish()
+            self._keeping = True
+            try:
+                await self.finish()
+            finally:
+                self._kept.set()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -90,6 +96,8 @@ class BlobSource:
 
     @asynccontextmanager
     async def open(self, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        if self._keeping:  # a resume while the ingest is being committed: read the blob it becomes
+            await self._kept.wait()
         path = self.store.path(self.desc.digest)
         if path is not None and (self.writer is None or self.writer.closed):  # closed: committed, a resume
             gen = self._file(path, offset)
