@@ -67,11 +67,14 @@ class Route:
     headers: bytes  # "Name: value\r\n" lines, Host first
 
     def serves(self, url: httpx.URL) -> bool:
+        """Whether an upload at ``url`` is on this origin: the headers (a token) were issued for it."""
         return _origin(url) == self.origin
 
 
 @dataclass(frozen=True)
 class Answer:
+    """The registry's answer to a PATCH, whole: the caller judges it as it judges httpx's."""
+
     status: int
     headers: dict[str, str]  # lower-case names
     body: bytes
