@@ -12,7 +12,8 @@ first: present already (``HEAD``: *skipped*), mountable from SRC's repository on
 (*mounted*), else *uploaded*. The bytes of an upload come from the cache when it holds the blob
 committed (so a copy needs no SRC at all for what a mount or pull already fetched), else from SRC,
 streamed and teed into the cache's ingest: a cut upload resumes from what the ingest holds, the
-last chunk is handed over only once the whole blob hashed right, and the cache keeps the blob.
+last chunk is handed over only once the whole blob hashed right, and the cache keeps the blob
+(:mod:`.copysource`).
 
 DEST is a registry reference (:class:`imagefs.registry.push.Pusher`) or ``oci:DIR[:TAG]``
 (:class:`imagefs.ocilayout.OciLayout`); both answer the small :class:`Destination` protocol.
@@ -25,17 +26,18 @@ import json
 import logging
 import sys
 import time
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import AsyncIterator, Callable, Protocol
 
 import trio
 
 from .content import maintenance
-from .content.local import LocalStore, Writer
+from .content.local import LocalStore
+from .copysource import BlobSource, CommittedBlob
 from .descriptors import (CONFIG_TYPES, LAYER_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST, SHA256_RE, Descriptor,
                           Platform, children, has_children, is_index)
-from .errors import AlreadyExists, DigestMismatch, ImagefsError, PlatformNotFound, Unavailable
-from .handlers import GC_REF, Fetcher, commit_labels, dispatch, fetch
+from .errors import DigestMismatch, ImagefsError, PlatformNotFound
+from .handlers import GC_REF, Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .ocilayout import OciLayout, parse_destination
 from .pull import PlainProgress, Progress, RichProgress, one_line, run_verb
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 
 #: Blob transfers at once; manifests are small and go up a level at a time.
 CONCURRENCY = 4
-#: Bytes per read of a committed blob or an ingest.
-READ_CHUNK = 1 << 20
 
 
 class Destination(Protocol):
@@ -59,147 +59,13 @@ class Destination(Protocol):
 
     async def upload_blob(self, desc: Descriptor,
                           open_source: Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]],
-                          progress=None) -> None: ...
+                          progress=None, file: CommittedBlob | None = None, verified: bool = False) -> None: ...
 
     async def manifest_exists(self, desc: Descriptor) -> bool: ...
 
     async def put_manifest(self, obj: str, data: bytes, media_type: str) -> str: ...
 
     def statistics(self): ...
-
-
-# -- where a blob's bytes come from -------------------------------------------------------------
-
-
-class BlobSource:
-    """One blob's bytes from ``offset``: the committed cache file, else SRC teed into an ingest.
-
-    ``open(offset)`` may be called again after a cut upload: what the ingest already holds is read
-    back, the rest comes from SRC. The last chunk is held until the whole blob hashed right, so a
-    destination never receives all of a corrupt blob. A writer held by another process leaves
-    the cache out: the bytes are hashed here instead.
-    """
-
-    def __init__(self, store: LocalStore, fetcher: Fetcher, desc: Descriptor, on_bytes: Callable[[int], None]) -> None:
-        self.store, self.fetcher, self.desc, self.on_bytes = store, fetcher, desc, on_bytes
-        self.writer: Writer | None = None
-        self.uncached = False
-        self.from_source = 0  # bytes read from SRC
-        self.from_cache = 0
-
-    @asynccontextmanager
-    async def open(self, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
-        path = self.store.path(self.desc.digest)
-        if path is not None and self.writer is None:
-            gen = self._file(path, offset)
-        else:
-            if self.writer is None and not self.uncached:
-                try:
-                    self.writer = self.store.writer(self.desc.ref_key, self.desc.size, self.desc.digest)
-                except AlreadyExists:  # committed by someone else a moment ago
-                    path = self.store.path(self.desc.digest)
-                except Unavailable as exc:
-                    log.info("%s; copying without caching it", exc)
-                    self.uncached = True
-            if self.writer is not None:
-                gen = self._held(self._tee(offset))
-            elif path is not None:
-                gen = self._file(path, offset)
-            else:
-                gen = self._direct(offset)
-        try:
-            yield gen
-        finally:
-            await gen.aclose()
-
-    async def _file(self, path, offset: int) -> AsyncIterator[bytes]:
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            pos = offset
-            while pos < self.desc.size:
-                chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
-                if not chunk:
-                    raise ImagefsError(f"{path}: cached blob shorter than its {self.desc.size} bytes")
-                pos += len(chunk)
-                self.from_cache += len(chunk)
-                self.on_bytes(len(chunk))
-                yield chunk
-
-    async def _tee(self, offset: int) -> AsyncIterator[bytes]:
-        w = self.writer
-        assert w is not None
-        pos = offset
-        while pos < w.offset:  # landed earlier (this process or a suspended one)
-            chunk = await trio.to_thread.run_sync(w.pread, pos, min(READ_CHUNK, w.offset - pos))
-            pos += len(chunk)
-            self.on_bytes(len(chunk))
-            yield chunk
-        at = w.offset  # == pos, or below it when the destination already had more than we kept
-        if at < self.desc.size:
-            async with self.fetcher.open(self.desc, at) as stream:
-                async for chunk in stream:
-                    await w.write_at(at, chunk)
-                    self.from_source += len(chunk)
-                    if at + len(chunk) > pos:
-                        part = chunk[pos - at:] if pos > at else chunk
-                        pos += len(part)
-                        self.on_bytes(len(part))
-                        yield part
-                    at += len(chunk)
-
-    async def _held(self, gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """``gen``'s chunks, the last one only once the writer's blob verified."""
-        last = None
-        async for chunk in gen:
-            if last is not None:
-                yield last
-            last = chunk
-        assert self.writer is not None
-        await self.writer.verify()
-        if last is not None:
-            yield last
-
-    async def _direct(self, offset: int) -> AsyncIterator[bytes]:
-        """From SRC with no cache: hashed here, from the start even when resuming at ``offset``."""
-        import hashlib
-
-        hasher, at, last = hashlib.sha256(), 0, None
-        async with self.fetcher.open(self.desc, 0) as stream:
-            async for chunk in stream:
-                hasher.update(chunk)
-                self.from_source += len(chunk)
-                end = at + len(chunk)
-                if end > offset:
-                    part = chunk[offset - at:] if offset > at else chunk
-                    if last is not None:
-                        yield last
-                    last = part
-                    self.on_bytes(len(part))
-                at = end
-        actual = "sha256:" + hasher.hexdigest()
-        if at != self.desc.size or actual != self.desc.digest:
-            raise DigestMismatch(f"{self.desc.ref_key}: source sent {at} bytes with digest {actual}, "
-                                 f"expected {self.desc.size} bytes, {self.desc.digest}")
-        if last is not None:
-            yield last
-
-    async def finish(self) -> None:
-        """The upload succeeded: keep what streamed through the cache."""
-        w = self.writer
-        if w is not None and not w.closed:
-            if w.complete:
-                await w.commit(commit_labels(self.desc, [], False))
-            else:
-                w.suspend()
-
-    def close(self, error: BaseException) -> None:
-        """The upload failed: keep good bytes for a re-run, never wrong ones."""
-        w = self.writer
-        if w is not None and not w.closed:
-            if isinstance(error, DigestMismatch):
-                w.abort(error)
-            else:
-                w.suspend()
 
 
 # -- the plan: what to write, in which order ------------------------------------------------------
@@ -326,12 +192,7 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
             else:
                 source = BlobSource(store, client, desc, lambda n: progress.advance(desc, n))
                 sources.append(source)
-                try:
-                    await dest.upload_blob(desc, source.open)
-                except BaseException as exc:
-                    source.close(exc)
-                    raise
-                await source.finish()
+                await source.upload_to(dest)
                 outcome = "uploaded"
         except trio.Cancelled:  # a sibling failed: its line says why
             raise

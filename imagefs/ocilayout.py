@@ -118,8 +118,11 @@ class OciLayout:
     async def mount_blob(self, desc: Descriptor, from_repo: str) -> bool:
         return False  # a directory has no other repository to mount from
 
-    async def upload_blob(self, desc: Descriptor, open_source: OpenSource, progress=None) -> None:
-        """Stream the blob into a temporary file, hashing it; rename only if it matches."""
+    async def upload_blob(self, desc: Descriptor, open_source: OpenSource, progress=None, file=None,
+                          verified: bool = False) -> None:
+        """Stream the blob into a temporary file, hashing it; rename only if it matches. ``file`` (a
+        committed cache file) is not used: ``open_source`` reads it just as well; the hash is kept
+        even for a ``verified`` source, as it rides on the write's thread trip anyway."""
         target = self._path(desc.digest)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         hasher = hashlib.sha256()

@@ -151,12 +151,9 @@ def test_from_the_cache_with_the_source_registry_stopped(tmp_path, dest, dest_pr
             assert has_blob(dest.host, "cached/bydigest", blob.digest)
 
 
-def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, dest, dest_proxy, cache_dir):
-    """Every PATCH waits a little at the proxy; once one chunk has landed, the next is refused by a
-    502. The copy carries on from the offset the registry reports: no byte reaches it twice."""
-    big = im.random_layer(40 << 20, seed=57, compression="none")
-    img = im.image([big])
-    im.push(registry.host, "test/big", img, "v1")
+def copy_with_one_cut(dest_proxy: Proxy, *args, cache_dir) -> subprocess.CompletedProcess:
+    """Run a copy whose PATCHes each wait a little at the proxy; once one chunk has landed, the next
+    is refused by a 502 (once)."""
     dest_proxy.delay(r"/blobs/uploads/", 0.2, method="PATCH")
     cut: list = []
 
@@ -169,15 +166,66 @@ def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, de
 
     watcher = threading.Thread(target=cut_after_first_chunk, daemon=True)
     watcher.start()
-    done = ok(copy(f"{proxy.host}/test/big:v1", f"{dest_proxy.host}/resumed/big:v1", cache_dir=cache_dir))
+    done = ok(copy(*args, cache_dir=cache_dir))
     watcher.join()
     assert cut and cut[0].applied == 1, "the upload was cut once"
+    return done
+
+
+def landed(dest_proxy: Proxy) -> int:
+    """Blob bytes the destination registry took (refused requests not counted)."""
+    return sum(int(h.request_headers.get("content-length") or 0) for h in dest_proxy.hits
+               if h.method in ("PATCH", "PUT") and "/blobs/uploads/" in h.path and h.fault is None)
+
+
+def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, dest, dest_proxy, cache_dir):
+    """The copy carries on from the offset the registry reports: no byte reaches it twice."""
+    big = im.random_layer(40 << 20, seed=57, compression="none")
+    img = im.image([big])
+    im.push(registry.host, "test/big", img, "v1")
+    done = copy_with_one_cut(dest_proxy, f"{proxy.host}/test/big:v1", f"{dest_proxy.host}/resumed/big:v1",
+                             cache_dir=cache_dir)
     assert done.stdout.splitlines()[-1] == img.digest
     got = httpx.get(f"http://{dest.host}/v2/resumed/big/blobs/{big.digest}")
     assert hashlib.sha256(got.content).hexdigest() == big.digest[7:]
-    landed = sum(int(h.request_headers.get("content-length") or 0) for h in dest_proxy.hits
-                 if h.method in ("PATCH", "PUT") and "/blobs/uploads/" in h.path and h.fault is None)
-    assert landed - big.size in (0, img.config.size), "resumed where it stopped, not from the start"
+    assert landed(dest_proxy) - big.size in (0, img.config.size), "resumed where it stopped, not from the start"
+
+
+def test_from_the_cache_a_cut_sendfile_upload_resumes(registry, proxy, dest, dest_proxy, cache_dir):
+    """A committed blob goes by ``sendfile`` on the socket route; cut, it resumes at the registry's offset."""
+    big = im.random_layer(40 << 20, seed=58, compression="none")
+    img = im.image([big])
+    im.push(registry.host, "test/cachedbig", img, "v1")
+    subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/cachedbig:v1", "--cache-dir", str(cache_dir)], check=True,
+                   capture_output=True)
+    done = copy_with_one_cut(dest_proxy, f"{proxy.host}/test/cachedbig:v1", f"{dest_proxy.host}/resumed/cachedbig:v1",
+                             cache_dir=cache_dir)
+    assert "read 0 B from the source" in done.stdout
+    got = httpx.get(f"http://{dest.host}/v2/resumed/cachedbig/blobs/{big.digest}")
+    assert hashlib.sha256(got.content).hexdigest() == big.digest[7:]
+    assert landed(dest_proxy) - big.size in (0, img.config.size), "resumed where it stopped, not from the start"
+    patches = [h for h in dest_proxy.hits if h.method == "PATCH" and h.fault is None]
+    assert all(h.request_headers.get("connection", "").lower() == "close" for h in patches), "on the socket route"
+
+
+def test_a_cache_file_corrupted_on_disk_is_never_uploaded_under_its_digest(registry, proxy, dest, dest_proxy, cache_dir):
+    layer = im.random_layer(3 << 20, seed=59, compression="none")
+    img = im.image([layer])
+    im.push(registry.host, "test/rotten", img, "v1")
+    subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/rotten:v1", "--cache-dir", str(cache_dir)], check=True,
+                   capture_output=True)
+    path = cache_dir / "blobs" / "sha256" / layer.digest[7:]
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(layer.size // 2)
+        byte = f.read(1)
+        f.seek(layer.size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    line = one_error_line(copy(f"{proxy.host}/test/rotten:v1", f"{dest_proxy.host}/rotten/app:v1", cache_dir=cache_dir))
+    assert layer.digest in line and "digest" in line
+    assert manifest(dest.host, "rotten/app", "v1").status_code == 404, "no tag on a partial image"
+    assert not has_blob(dest.host, "rotten/app", layer.digest)
+    assert not any(h.method == "PUT" and layer.digest[7:] in h.path for h in dest_proxy.hits), "never PUT under its digest"
 
 
 def test_a_corrupt_source_blob_fails_and_leaves_no_tag(proxy, images, dest, dest_proxy, cache_dir):
