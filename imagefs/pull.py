@@ -34,11 +34,12 @@ from typing import AsyncIterator, Protocol
 
 import trio
 
+from .cli.verbs import cache_dir, client_for, one_line, quiet_logging, run_verb
 from .content import maintenance
 from .content.labels import UNCOMPRESSED
-from .content.local import LocalStore, default_cache_dir
+from .content.local import LocalStore
 from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
-from .errors import ImagefsError, SeveralErrors, StorageError
+from .errors import ImagefsError, StorageError
 from .handlers import Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .layers import diffids
@@ -299,25 +300,6 @@ def _inflate(store: LocalStore, digest: str) -> str | None:
     return uncompressed
 
 
-def run_verb(main):
-    """``trio.run(main)``; several registry errors at once (a concurrent walk) become one, counted."""
-    try:
-        return trio.run(main)
-    except BaseExceptionGroup as exc:
-        errors = [e for e in exc.exceptions if isinstance(e, (ImagefsError, OSError))]
-        if len(errors) != len(exc.exceptions):
-            raise
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise SeveralErrors(one_line(first) + more) from exc
-
-
-def one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def summary(result: PullResult) -> str:
     n = len(result.fetched) + len(result.existing)
     rate = result.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
@@ -332,31 +314,9 @@ def summary(result: PullResult) -> str:
     return line
 
 
-# -- registry options --------------------------------------------------------------------------------
-
-
-def client_for(args, ref_text: str):
-    """The registry client a mount with the same flags would use (one place for registry options)."""
-    from .cli import read_password, registry_options
-    from .registry.connect import RegistryOptions, make_client
-
-    return make_client(parse(ref_text), RegistryOptions(**registry_options(args, read_password(args))))
-
-
-def _cache_dir(args) -> Path:
-    return (args.cache_dir or default_cache_dir()).resolve()
-
-
-def _quiet_logging(debug: bool) -> None:
-    """Warnings (e.g. the offline fallback) as one ``imagefs: WARNING:`` line; info stays quiet."""
-    from .cli import setup_logging
-
-    setup_logging(debug, level=logging.WARNING)
-
-
 def run_pull(args) -> int:
-    _quiet_logging(getattr(args, "debug", False))
-    store = LocalStore(_cache_dir(args))
+    quiet_logging(getattr(args, "debug", False))
+    store = LocalStore(cache_dir(args))
     tty = sys.stdout.isatty() and not getattr(args, "plain", False)
     progress: Progress = RichProgress() if tty else PlainProgress()
 
@@ -452,8 +412,8 @@ def render_tree(doc: dict, out=sys.stdout) -> None:
 
 
 def run_inspect(args) -> int:
-    _quiet_logging(getattr(args, "debug", False))
-    store = LocalStore(_cache_dir(args))
+    quiet_logging(getattr(args, "debug", False))
+    store = LocalStore(cache_dir(args))
 
     async def main() -> dict:
         async with client_for(args, args.ref) as client:
