@@ -41,7 +41,7 @@ from .errors import DigestMismatch, ImagefsError, PlatformNotFound
 from .handlers import GC_REF, Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .ocilayout import OciLayout, parse_destination
-from .pull import PlainProgress, Progress, RichProgress
+from .progress import PlainProgress, Progress, RichProgress
 from .reference import Reference, parse
 from .units import human
 

@@ -202,9 +202,9 @@ def _cache_verbs(sub) -> None:
     _cache_dir_arg(f)
     f.set_defaults(run=_lazy("imagefs.fsck", "run"))
 
-    for verb, fn, text in (
-        ("pull", "run_pull", "fetch an image's whole graph for the selected platform(s) into the cache"),
-        ("inspect", "run_inspect", "print an image's descriptor tree (fetches manifests only, never layers)"),
+    for verb, text in (
+        ("pull", "fetch an image's whole graph for the selected platform(s) into the cache"),
+        ("inspect", "print an image's descriptor tree (fetches manifests only, never layers)"),
     ):
         p = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("ref", metavar="REF", help="image reference, e.g. alpine, ghcr.io/org/img:tag, name@sha256:…")
@@ -216,7 +216,7 @@ def _cache_verbs(sub) -> None:
         if verb == "inspect":
             p.add_argument("--json", action="store_true", help="the tree as JSON")
         _cache_dir_arg(p)
-        p.set_defaults(run=_lazy("imagefs.pull", fn))
+        p.set_defaults(run=_lazy(f"imagefs.{verb}", "run"))
 
     s = sub.add_parser("ls", aliases=["status"], help="what the cache holds: images, sizes, live mounts")
     s.add_argument("--json", action="store_true", help="as JSON")
