@@ -268,7 +268,7 @@ def open_destination(text: str, opts: dict) -> tuple[Destination, str | None, Re
 def run(args) -> int:
     """``imagefs copy SRC DEST``; exit 0 once DEST holds the image under its name."""
     from .cli.parser import registry_options
-    from .content.local import default_cache_dir
+    from .content.layout import default_cache_dir
     from .registry.connect import registry_client
 
     opts = registry_options(args, getattr(args, "password", None))

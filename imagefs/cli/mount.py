@@ -34,7 +34,7 @@ def _log_file(args) -> Path:
 
 
 def cmd_mount(args) -> int:
-    from ..content.local import default_cache_dir
+    from ..content.layout import default_cache_dir
     from ..fs import passthrough
     from ..fs.mountpoint import check_mountpoint
 

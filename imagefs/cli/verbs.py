@@ -54,7 +54,7 @@ def quiet_logging(debug: bool) -> None:
 
 def cache_dir(args) -> Path:
     """``--cache-dir``, else the default cache, resolved."""
-    from ..content.local import default_cache_dir
+    from ..content.layout import default_cache_dir
 
     return (args.cache_dir or default_cache_dir()).resolve()
 
