@@ -22,12 +22,20 @@ How the package is layered, from the bottom up:
 - :mod:`imagefs.layers` — the files inside layers: tar indexes, gzip checkpoints, whiteouts.
 - :mod:`imagefs.statistics` — every part's counters in the mount's ``user.imagefs.statistics``.
 - :mod:`imagefs.fs` — the FUSE side: inode tree, pyfuse3 operations (the errno boundary), mount.
-- :mod:`imagefs.pull`, :mod:`imagefs.gc`, :mod:`imagefs.fsck`, :mod:`imagefs.status` — the cache
-  verbs (``pull``/``inspect``, ``gc``, ``fsck``, ``ls``); :mod:`imagefs.content.maintenance` holds
-  the store walks they share, :mod:`imagefs.content.mounts` the live-mount records (leases).
+- :mod:`imagefs.pull`, :mod:`imagefs.inspect`, :mod:`imagefs.gc`, :mod:`imagefs.fsck`,
+  :mod:`imagefs.status`, :mod:`imagefs.rm` — the cache verbs (``pull``, ``inspect``, ``gc``, ``fsck``,
+  ``ls``, ``rm``); :mod:`imagefs.progress` shows a pull's (and a copy's) progress;
+  :mod:`imagefs.content.maintenance` holds the store walks they share, :mod:`imagefs.content.mounts`
+  the live-mount records (leases).
+- :mod:`imagefs.copy` — ``copy``: an image to a registry or an OCI layout, digests kept
+  (:mod:`imagefs.copysource` where each blob's bytes come from, :mod:`imagefs.ocilayout` the layout
+  destination, :mod:`imagefs.sociconvert` ``--soci``).
+- :mod:`imagefs.run` — ``run``: an image's program in its rootfs, under :mod:`imagefs.sandbox`.
 - :mod:`imagefs.mounthelper` — ``mount -t fuse.imagefs`` and ``/etc/fstab``.
-- :mod:`imagefs.cli` — the ``imagefs`` command.
-- :mod:`imagefs.testing` — builds and pushes test and demo images; the mount never imports it.
+- :mod:`imagefs.cli` — the ``imagefs`` command: :mod:`~imagefs.cli.parser` (every verb's flags),
+  :mod:`~imagefs.cli.mount` (``mount``/``umount``), :mod:`~imagefs.cli.verbs` (what verb runners share).
+- :mod:`imagefs.testing` — builds (:mod:`~imagefs.testing.images`) and pushes
+  (:mod:`~imagefs.testing.push`) test and demo images; the mount never imports it.
 """
 
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ from typing import AsyncIterator, Callable, Protocol
 
 import trio
 
+from .cli.verbs import one_line, run_verb
 from .content import maintenance
 from .content.local import LocalStore
 from .copysource import BlobSource, CommittedBlob
@@ -40,7 +41,7 @@ from .errors import DigestMismatch, ImagefsError, PlatformNotFound
 from .handlers import GC_REF, Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .ocilayout import OciLayout, parse_destination
-from .pull import PlainProgress, Progress, RichProgress, one_line, run_verb
+from .progress import PlainProgress, Progress, RichProgress
 from .reference import Reference, parse
 from .units import human
 
@@ -266,8 +267,8 @@ def open_destination(text: str, opts: dict) -> tuple[Destination, str | None, Re
 
 def run(args) -> int:
     """``imagefs copy SRC DEST``; exit 0 once DEST holds the image under its name."""
-    from .cli import registry_options
-    from .content.local import default_cache_dir
+    from .cli.parser import registry_options
+    from .content.layout import default_cache_dir
     from .registry.connect import registry_client
 
     opts = registry_options(args, getattr(args, "password", None))

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from .content import layout, maintenance, mounts, pieces
 from .content.labels import GC_REF, MEDIATYPE, UNCOMPRESSED
-from .content.local import XATTR_PREFIX, LocalStore, default_cache_dir
+from .content.layout import default_cache_dir
+from .content.local import XATTR_PREFIX, LocalStore
 from .descriptors import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, children
 from .errors import ImagefsError, InvalidManifest, NotFound
 from .layers import diffids

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .content import filelock, labels, layout, maintenance, mounts, pieces
-from .content.local import LocalStore, default_cache_dir
+from .content.layout import default_cache_dir
+from .content.local import LocalStore
 from .units import human
 
 # Blobs this young are never swept: a commit in flight (rename, then labels) must not be raced.

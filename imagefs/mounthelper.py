@@ -55,19 +55,9 @@ class UsageError(Exception):
 
 def _mount_flags() -> dict[str, argparse.Action]:
     """``option name -> argparse action`` for every ``imagefs mount`` flag (one source of truth)."""
-    from .cli import build_parser
+    from .cli.parser import mount_flags
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    mount = sub.choices["mount"]
-    flags = {}
-    for action in mount._actions:
-        if action.dest in NOT_OPTIONS or not action.option_strings:
-            continue
-        long = next((o for o in action.option_strings if o.startswith("--")), None)
-        if long:
-            flags[long[2:].replace("-", "_")] = action
-    return flags
+    return {name: action for name, action in mount_flags().items() if action.dest not in NOT_OPTIONS}
 
 
 def translate(options: list[str], *, sloppy: bool = False) -> tuple[list[str], list[str]]:

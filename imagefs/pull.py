@@ -1,162 +1,40 @@
-"""``imagefs pull REF`` fetches an image into the cache; ``imagefs inspect REF`` shows its graph.
+"""``imagefs pull REF`` fetches an image into the cache.
 
-Both walk the graph as a mount does — :class:`imagefs.image.Image` resolves the root and picks
+It walks the graph as a mount does — :class:`imagefs.image.Image` resolves the root and picks
 the platform(s), :func:`imagefs.handlers.fetch` commits each blob with its gc labels — so a pull
 leaves exactly what a mount would fetch, and a mount afterwards needs no registry. A pull fetches
 the root, the selected platform's manifests, their configs and layers, and the index's entries
-that name no platform (signatures, SBOMs), as ``ctr content fetch`` does.
-
-On a terminal, a progress bar per blob and one for the total (rich); otherwise one plain line per
-blob — ``fetched layer-sha256:… 3.0 MiB`` or ``exists config-sha256:… 1.4 KiB`` — and a total,
-so logs and CI output stay readable.
+that name no platform (signatures, SBOMs), as ``ctr content fetch`` does. Progress is shown by
+:mod:`imagefs.progress`; ``imagefs inspect`` (:mod:`imagefs.inspect`) shows the graph instead.
 
 Each layer is inflated once in a worker thread (as soon as it is committed, so inflating overlaps
 the fetches still running) and compared with the ``rootfs.diff_ids`` of its config (:mod:`imagefs.layers.diffids`): a mismatch is a warning line,
 not a failure. The result is kept as the blob's ``containerd.io/uncompressed`` label, so pulling
 again (or after a mount indexed the layer) inflates nothing.
-
-``inspect`` fetches only manifests and indexes (a mount's cost: the root and the selected
-platform's manifests; ``--all-platforms`` for every one), never a config or layer. It reads what
-the cache already holds and writes nothing to it but the tag's resolution.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
-import tempfile
 import time
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import AsyncIterator, Protocol
 
 import trio
 
+from .cli.verbs import cache_dir, client_for, one_line, quiet_logging, run_verb
 from .content import maintenance
 from .content.labels import UNCOMPRESSED
-from .content.local import LocalStore, default_cache_dir
+from .content.local import LocalStore
 from .descriptors import LAYER_TYPES, Descriptor, Platform, has_children, is_index, is_manifest
-from .errors import ImagefsError, SeveralErrors, StorageError
-from .handlers import Fetcher, dispatch, fetch
+from .errors import ImagefsError, StorageError
+from .handlers import dispatch, fetch
 from .image import Image, resolve_root
 from .layers import diffids
+from .progress import PlainProgress, Progress, ProgressFetcher, RichProgress
 from .reference import parse
 from .units import human
 
 log = logging.getLogger(__name__)
-
-
-# -- progress --------------------------------------------------------------------------------------
-
-
-#: Outcomes of a blob that moved no bytes through us: cached already, present at the destination, or
-#: mounted there from another repository (``imagefs copy``).
-WITHOUT_BYTES = frozenset({"exists", "skipped", "mounted"})
-
-
-class Progress(Protocol):
-    def planned(self, desc: Descriptor) -> None:
-        """``desc`` will be fetched or found: it counts in the total."""
-
-    def advance(self, desc: Descriptor, nbytes: int) -> None:
-        """``nbytes`` more of ``desc`` arrived."""
-
-    def done(self, desc: Descriptor, outcome: str) -> None:
-        """``desc`` is ``fetched``, ``exists`` (was cached) or ``failed``; for a copy ``uploaded``,
-        ``skipped`` (present at the destination) or ``mounted`` (from another repository)."""
-
-    def close(self) -> None: ...
-
-
-class PlainProgress:
-    """One line per finished blob, for logs and pipes."""
-
-    def __init__(self, out=sys.stdout) -> None:
-        self.out = out
-
-    def planned(self, desc: Descriptor) -> None:
-        pass
-
-    def advance(self, desc: Descriptor, nbytes: int) -> None:
-        pass
-
-    def done(self, desc: Descriptor, outcome: str) -> None:
-        print(f"{outcome:<7} {desc.ref_key} {human(desc.size)}", file=self.out, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-class RichProgress:
-    """A bar per blob in flight and one for the total; finished blobs scroll above as lines."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self.console = Console()
-        self.bars = Progress(
-            TextColumn("{task.description}", style="bold"), BarColumn(), DownloadColumn(binary_units=True),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
-        )
-        self.total = self.bars.add_task("total", total=0)
-        self.tasks: dict[str, int] = {}
-        self.known: set[str] = set()
-        self.bars.start()
-
-    def planned(self, desc: Descriptor) -> None:
-        if desc.digest not in self.known:
-            self.known.add(desc.digest)
-            self.bars.update(self.total, total=(self.bars.tasks[self.total].total or 0) + desc.size)
-
-    def advance(self, desc: Descriptor, nbytes: int) -> None:
-        self.planned(desc)
-        task = self.tasks.get(desc.digest)
-        if task is None:
-            name = desc.ref_key.split(":", 1)[0] + ":" + desc.hex[:12]
-            task = self.tasks[desc.digest] = self.bars.add_task(name, total=desc.size)
-        self.bars.advance(task, nbytes)
-        self.bars.advance(self.total, nbytes)
-
-    def done(self, desc: Descriptor, outcome: str) -> None:
-        self.planned(desc)
-        task = self.tasks.pop(desc.digest, None)
-        if task is not None:
-            self.bars.remove_task(task)
-        if outcome in WITHOUT_BYTES:
-            self.bars.advance(self.total, desc.size)
-        style = {"fetched": "green", "uploaded": "green", "mounted": "cyan", "failed": "red"}.get(
-            outcome, "dim" if outcome in WITHOUT_BYTES else "")
-        self.bars.console.print(f"[{style}]{outcome:<7}[/] {desc.ref_key} {human(desc.size)}", highlight=False,
-                                soft_wrap=True)
-
-    def close(self) -> None:
-        self.bars.stop()
-
-
-class ProgressFetcher:
-    """A :class:`Fetcher` that tells a :class:`Progress` of every byte it streams."""
-
-    def __init__(self, inner: Fetcher, progress: Progress) -> None:
-        self.inner, self.progress = inner, progress
-        self.streamed: dict[str, int] = {}
-
-    @asynccontextmanager
-    async def open(self, desc: Descriptor, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        self.streamed.setdefault(desc.digest, 0)
-        async with self.inner.open(desc, start, end) as stream:
-            yield self._count(desc, stream)
-
-    async def _count(self, desc: Descriptor, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in stream:
-            self.streamed[desc.digest] += len(chunk)
-            self.progress.advance(desc, len(chunk))
-            yield chunk
-
-
-# -- pull ------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,25 +177,6 @@ def _inflate(store: LocalStore, digest: str) -> str | None:
     return uncompressed
 
 
-def run_verb(main):
-    """``trio.run(main)``; several registry errors at once (a concurrent walk) become one, counted."""
-    try:
-        return trio.run(main)
-    except BaseExceptionGroup as exc:
-        errors = [e for e in exc.exceptions if isinstance(e, (ImagefsError, OSError))]
-        if len(errors) != len(exc.exceptions):
-            raise
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise SeveralErrors(one_line(first) + more) from exc
-
-
-def one_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def summary(result: PullResult) -> str:
     n = len(result.fetched) + len(result.existing)
     rate = result.bytes_fetched / result.seconds if result.seconds > 0 else 0.0
@@ -332,31 +191,9 @@ def summary(result: PullResult) -> str:
     return line
 
 
-# -- registry options --------------------------------------------------------------------------------
-
-
-def client_for(args, ref_text: str):
-    """The registry client a mount with the same flags would use (one place for registry options)."""
-    from .cli import read_password, registry_options
-    from .registry.connect import RegistryOptions, make_client
-
-    return make_client(parse(ref_text), RegistryOptions(**registry_options(args, read_password(args))))
-
-
-def _cache_dir(args) -> Path:
-    return (args.cache_dir or default_cache_dir()).resolve()
-
-
-def _quiet_logging(debug: bool) -> None:
-    """Warnings (e.g. the offline fallback) as one ``imagefs: WARNING:`` line; info stays quiet."""
-    from .cli import setup_logging
-
-    setup_logging(debug, level=logging.WARNING)
-
-
-def run_pull(args) -> int:
-    _quiet_logging(getattr(args, "debug", False))
-    store = LocalStore(_cache_dir(args))
+def run(args) -> int:
+    quiet_logging(getattr(args, "debug", False))
+    store = LocalStore(cache_dir(args))
     tty = sys.stdout.isatty() and not getattr(args, "plain", False)
     progress: Progress = RichProgress() if tty else PlainProgress()
 
@@ -375,97 +212,3 @@ def run_pull(args) -> int:
         print(f"imagefs: {desc.ref_key}: {err}", file=sys.stderr)
     print(summary(result))
     return 1 if result.failed else 0
-
-
-# -- inspect ---------------------------------------------------------------------------------------
-
-
-class CacheFirst:
-    """A fetcher that serves what the cache holds and asks the registry for the rest."""
-
-    def __init__(self, store: LocalStore, inner: Fetcher) -> None:
-        self.store, self.inner = store, inner
-
-    @asynccontextmanager
-    async def open(self, desc: Descriptor, start: int = 0, end: int | None = None) -> AsyncIterator[AsyncIterator[bytes]]:
-        path = self.store.path(desc.digest)
-        if path is None:
-            async with self.inner.open(desc, start, end) as stream:
-                yield stream
-            return
-        data = await trio.to_thread.run_sync(path.read_bytes)  # manifests only: small
-
-        async def one() -> AsyncIterator[bytes]:
-            yield data[start:end]
-
-        yield one()
-
-
-async def inspect(store: LocalStore, client, ref_text: str, *, platform: Platform, all_platforms: bool) -> dict:
-    """The descriptor tree of ``ref``, as JSON-ready dicts; manifests only, the cache untouched."""
-    ref = parse(ref_text)
-    root = await resolve_root(store, client, ref)
-    with tempfile.TemporaryDirectory(prefix="imagefs-inspect-") as tmp:
-        image = Image(LocalStore(Path(tmp)), CacheFirst(store, client), root,
-                      platform=platform, all_platforms=all_platforms)
-        await image.open()
-        # Manifests the cache holds cost nothing to show: expand them too.
-        for key, kids in list(image.children.items()):
-            for kid in kids:
-                if has_children(kid) and kid.ref_key not in image.children and store.path(kid.digest) is not None:
-                    await image.expand(kid)
-
-    def node(desc: Descriptor, platform: Platform | None) -> dict:
-        out: dict = {"refKey": desc.ref_key, "mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}
-        if platform is not None:
-            out["platform"] = {"os": platform.os, "architecture": platform.architecture,
-                               **({"variant": platform.variant} if platform.variant else {})}
-        if desc.ref_key in image.children:
-            out["children"] = [node(k, k.platform) for k in image.children[desc.ref_key]]
-        elif has_children(desc):
-            out["children"] = None  # a manifest not fetched: another platform's
-        return out
-
-    return {"reference": str(ref), "root": node(root, None)}
-
-
-def render_tree(doc: dict, out=sys.stdout) -> None:
-    print(f"{doc['reference']} -> {doc['root']['digest']}", file=out)
-
-    def line(n: dict) -> str:
-        plat = n.get("platform")
-        parts = [n["refKey"]]
-        if plat:
-            parts.append("/".join(p for p in (plat["os"], plat["architecture"], plat.get("variant", "")) if p))
-        parts += [n["mediaType"], human(n["size"])]
-        if n.get("children", []) is None:
-            parts.append("(not fetched; --all-platforms shows it)")
-        return "  ".join(parts)
-
-    def walk(n: dict, prefix: str, last: bool, top: bool) -> None:
-        print((prefix + ("└── " if last else "├── ") if not top else "") + line(n), file=out)
-        kids = n.get("children") or []
-        for i, kid in enumerate(kids):
-            walk(kid, prefix + ("" if top else ("    " if last else "│   ")), i == len(kids) - 1, False)
-
-    walk(doc["root"], "", True, True)
-
-
-def run_inspect(args) -> int:
-    _quiet_logging(getattr(args, "debug", False))
-    store = LocalStore(_cache_dir(args))
-
-    async def main() -> dict:
-        async with client_for(args, args.ref) as client:
-            return await inspect(store, client, args.ref, platform=args.platform or Platform.host(),
-                                 all_platforms=args.all_platforms)
-
-    try:
-        doc = run_verb(main)
-    except OSError as exc:
-        raise StorageError(f"inspect {args.ref}: {one_line(exc)}") from exc
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        render_tree(doc)
-    return 0

@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 
 from .content import maintenance, mounts
-from .content.local import LocalStore, default_cache_dir
+from .content.layout import default_cache_dir
+from .content.local import LocalStore
 from .errors import ImagefsError, NotFound
 from .content.labels import GC_ROOT
 from .reference import parse

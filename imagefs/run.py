@@ -41,7 +41,7 @@ def run(args) -> int:
         raise RunError(f"cannot run {args.platform} images on this {host} machine")
     binds = [Bind.parse(v) for v in args.volume]
     env_extra = [_env_pair(e) for e in args.env]
-    from .content.local import default_cache_dir
+    from .content.layout import default_cache_dir
 
     args.cache_dir = (args.cache_dir or default_cache_dir()).resolve()
     _sweep_stale()

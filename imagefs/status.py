@@ -14,7 +14,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .content import maintenance, mounts, pieces
-from .content.local import LocalStore, default_cache_dir
+from .content.layout import default_cache_dir
+from .content.local import LocalStore
 from .descriptors import INDEX_TYPES, Descriptor, children
 from .errors import ImagefsError
 from .units import human

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support import Proxy, Registry
 
 SHARED_LAYER_SIZE = 12 * 1024 * 1024  # larger than a first readahead window, so laziness shows
@@ -66,7 +67,7 @@ class TestImages:
         self.sbom = im.artifact()
         self.oci = im.index([amd, arm, self.sbom])
         self.amd, self.arm, self.shared = amd, arm, shared
-        im.push(registry.host, "test/oci", self.oci, "v1")
+        push(registry.host, "test/oci", self.oci, "v1")
 
         dbase = im.tar_layer({"etc/os-release": b'NAME="docker media types"\n'}, media="docker")
         d_amd = im.image([dbase, im.random_layer(200_000, seed=3, media="docker")], media="docker",
@@ -74,10 +75,10 @@ class TestImages:
         d_arm = im.image([dbase], media="docker", platform={"os": "linux", "architecture": "arm64", "variant": "v8"})
         self.docker = im.index([d_amd, d_arm], media="docker")
         self.d_amd = d_amd
-        im.push(registry.host, "test/docker", self.docker, "v1")
+        push(registry.host, "test/docker", self.docker, "v1")
 
         self.single = im.image([im.tar_layer({"hello.txt": b"hello\n"})])
-        im.push(registry.host, "test/single", self.single, "v1")
+        push(registry.host, "test/single", self.single, "v1")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support import Proxy, Registry, free_port
 from tests.support.tokenserver import Rule, TokenServer
 
@@ -135,7 +136,7 @@ def test_from_the_cache_with_the_source_registry_stopped(tmp_path, dest, dest_pr
     img = im.index([im.image([im.random_layer(2 << 20, seed=91)], platform={"os": "linux", "architecture": "amd64"}),
                     im.image([im.random_layer(1 << 20, seed=92)], platform={"os": "linux", "architecture": "arm64"})])
     with Registry(tmp_path / "src") as src:
-        im.push(src.host, "own/app", img, "v1")
+        push(src.host, "own/app", img, "v1")
         subprocess.run([*IMAGEFS, "pull", f"{src.host}/own/app:v1", "--all-platforms", "--cache-dir", str(cache_dir)],
                        check=True, capture_output=True)
         src.stop()
@@ -182,7 +183,7 @@ def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, de
     """The copy carries on from the offset the registry reports: no byte reaches it twice."""
     big = im.random_layer(40 << 20, seed=57, compression="none")
     img = im.image([big])
-    im.push(registry.host, "test/big", img, "v1")
+    push(registry.host, "test/big", img, "v1")
     done = copy_with_one_cut(dest_proxy, f"{proxy.host}/test/big:v1", f"{dest_proxy.host}/resumed/big:v1",
                              cache_dir=cache_dir)
     assert done.stdout.splitlines()[-1] == img.digest
@@ -195,7 +196,7 @@ def test_from_the_cache_a_cut_sendfile_upload_resumes(registry, proxy, dest, des
     """A committed blob goes by ``sendfile`` on the socket route; cut, it resumes at the registry's offset."""
     big = im.random_layer(40 << 20, seed=58, compression="none")
     img = im.image([big])
-    im.push(registry.host, "test/cachedbig", img, "v1")
+    push(registry.host, "test/cachedbig", img, "v1")
     subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/cachedbig:v1", "--cache-dir", str(cache_dir)], check=True,
                    capture_output=True)
     done = copy_with_one_cut(dest_proxy, f"{proxy.host}/test/cachedbig:v1", f"{dest_proxy.host}/resumed/cachedbig:v1",
@@ -211,7 +212,7 @@ def test_from_the_cache_a_cut_sendfile_upload_resumes(registry, proxy, dest, des
 def test_a_cache_file_corrupted_on_disk_is_never_uploaded_under_its_digest(registry, proxy, dest, dest_proxy, cache_dir):
     layer = im.random_layer(3 << 20, seed=59, compression="none")
     img = im.image([layer])
-    im.push(registry.host, "test/rotten", img, "v1")
+    push(registry.host, "test/rotten", img, "v1")
     subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/rotten:v1", "--cache-dir", str(cache_dir)], check=True,
                    capture_output=True)
     path = cache_dir / "blobs" / "sha256" / layer.digest[7:]

@@ -21,6 +21,7 @@ from imagefs.layers import estargz as ereader
 from imagefs.layers import toc
 from imagefs.testing import estargz
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import Mount
 from tests.support.tars import M, dir_, raw_tar
 from tests.test_rootfs import snapshot, unpack
@@ -80,34 +81,34 @@ class EstargzImages:
         self.upper = estargz.layer(upper_tar(), min_chunk_size=4096, landmark=estargz.PREFETCH_LANDMARK)  # innerOffset
         plain = im.tar_layer({"etc/plain.txt": b"a plain gzip layer on top\n"})
         self.full = im.image([self.base, self.upper, plain])
-        im.push(host, "estargz/full", self.full, "v1")
+        push(host, "estargz/full", self.full, "v1")
 
         self.wrong = estargz.layer(base_tar(), chunk_size=CHUNK, toc_digest="sha256:" + "0" * 64)
-        im.push(host, "estargz/wrong", im.image([self.wrong]), "v1")
+        push(host, "estargz/wrong", im.image([self.wrong]), "v1")
 
         self.bare = estargz.layer(base_tar(), chunk_size=CHUNK, annotate=False)
-        im.push(host, "estargz/bare", im.image([self.bare]), "v1")
+        push(host, "estargz/bare", im.image([self.bare]), "v1")
 
         self.hostile = estargz.layer(raw_tar([
             M("../escape", b"no"), M("/abs", b"no"), M("x", b"1"), M("x", b"2"),
             M("hl", kind=tarfile.LNKTYPE, link="../../etc/shadow"), M("ok", b"fine\n"),
         ]))
-        im.push(host, "estargz/hostile", im.image([self.hostile]), "v1")
+        push(host, "estargz/hostile", im.image([self.hostile]), "v1")
 
         def outside(rows: list[dict]) -> None:  # a chunk pointing past the layer's data
             next(r for r in rows if r["name"] == "./opt/big")["offset"] = 1 << 40
         self.lying_toc = estargz.layer(base_tar(), chunk_size=CHUNK, edit=outside)
-        im.push(host, "estargz/lying-toc", im.image([self.lying_toc]), "v1")
+        push(host, "estargz/lying-toc", im.image([self.lying_toc]), "v1")
 
         def misdigest(rows: list[dict]) -> None:  # gzip's CRC would catch a flipped byte first: lie instead
             next(r for r in rows if r["name"] == "./etc/os-release")["chunkDigest"] = im.digest_of(b"other")
         self.misdigested = estargz.layer(base_tar(), chunk_size=CHUNK, edit=misdigest)
-        im.push(host, "estargz/misdigested", im.image([self.misdigested]), "v1")
+        push(host, "estargz/misdigested", im.image([self.misdigested]), "v1")
 
         # annotated as eStargz, but an ordinary tar+gzip: indexed the ordinary way
         self.liar = im.Blob(im.OCI_LAYER_GZIP, im.compress(raw_tar([M("etc/x", b"plain\n")]), "gzip"),
                             annotations=((estargz.TOC_ANNOTATION, im.digest_of(b"{}")),))
-        im.push(host, "estargz/liar", im.image([self.liar]), "v1")
+        push(host, "estargz/liar", im.image([self.liar]), "v1")
 
 
 @pytest.fixture(scope="session")

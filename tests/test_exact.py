@@ -13,6 +13,7 @@ import pytest
 from imagefs.content.local import LocalStore
 from imagefs.layers import diffids, toc
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import Mount, imagefs
 from tests.test_rootfs import unpack
 
@@ -50,7 +51,7 @@ def gnu_tar_layer(tmp_path: Path) -> im.Blob:
 def ns_image(registry, tmp_path_factory):
     layer = gnu_tar_layer(tmp_path_factory.mktemp("gnutar"))
     img = im.image([layer])
-    im.push(registry.host, "exact/ns", img, "v1")
+    push(registry.host, "exact/ns", img, "v1")
     return img
 
 
@@ -133,8 +134,8 @@ def diff_images(registry):
     layers = [gz, zs, plain]
     right = im.image(layers)
     wrong = im.image(layers, config_extra={"rootfs": {"type": "layers", "diff_ids": [WRONG, WRONG, im.diff_id(plain)]}})
-    im.push(registry.host, "exact/diffid", right, "right")
-    im.push(registry.host, "exact/diffid", wrong, "wrong")
+    push(registry.host, "exact/diffid", right, "right")
+    push(registry.host, "exact/diffid", wrong, "wrong")
     return right, wrong
 
 
@@ -202,7 +203,7 @@ def test_skopeos_zstd_chunked_layer_is_reported_by_pull(registry, tmp_path):
     """skopeo 1.9.3's zstd:chunked tar lacks the original's trailing padding, yet its config keeps
     the original diff_id: a real producer's wrong diff_id, found by pull (which inflates it)."""
     src = im.image([im.tar_layer({"etc/a": b"a" * 100_000, "etc/b": im.random_bytes(300_000, 5)})])
-    im.push(registry.host, "exact/zc-src", src, "v1")
+    push(registry.host, "exact/zc-src", src, "v1")
     subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
                     "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/exact/zc-src:v1",
                     f"docker://{registry.host}/exact/zc:v1"], check=True, capture_output=True, timeout=60)

@@ -21,6 +21,7 @@ import trio
 
 from imagefs.descriptors import OCI_LAYER_GZIP, Descriptor
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from imagefs.reference import parse
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.tuning import DIRECT_BODIES
@@ -148,7 +149,7 @@ async def test_tls_bodies_are_read_direct_with_the_same_trust(tmp_path):
     blob = im.random_layer(3 * MiB, seed=11)
     with TLSRegistry(tmp_path / "reg", ca) as reg:
         with httpx.Client(verify=ssl.create_default_context(cafile=str(reg.ca_path))) as http:
-            im.push(reg.host, "tls/app", im.image([blob]), "v1", plain_http=False, client=http)
+            push(reg.host, "tls/app", im.image([blob]), "v1", plain_http=False, client=http)
         desc = Descriptor(OCI_LAYER_GZIP, blob.digest, blob.size)
         for options in ({"ca_file": str(reg.ca_path)}, {"insecure": True}):
             async with RegistryClient(parse(f"{reg.host}/tls/app:v1"), **options) as client:

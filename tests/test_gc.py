@@ -18,7 +18,7 @@ from imagefs.content import maintenance, mounts
 from imagefs.content.local import LocalStore
 from imagefs.descriptors import Platform
 from imagefs.gc import collect, report
-from imagefs.pull import PlainProgress
+from imagefs.progress import PlainProgress
 from imagefs.pull import pull as pull_image
 from imagefs.reference import parse
 from imagefs.registry.client import RegistryClient

@@ -24,9 +24,10 @@ import pytest
 from imagefs.testing import demo
 from imagefs.testing.images import (
     DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, EPOCH, OCI_INDEX,
-    OCI_LAYER_GZIP, OCI_MANIFEST, Blob, FileEntry, PushError, artifact, digest_of, image, index,
-    push, random_bytes, random_layer, tar_layer,
+    OCI_LAYER_GZIP, OCI_MANIFEST, Blob, FileEntry, artifact, digest_of, image, index, random_bytes,
+    random_layer, tar_layer,
 )
+from imagefs.testing.push import PushError, push
 
 ARM64 = {"os": "linux", "architecture": "arm64", "variant": "v8"}
 

@@ -16,6 +16,7 @@ from imagefs.content.local import LocalStore
 from imagefs.layers import entries
 from imagefs.testing import estargz
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import Mount
 from tests.test_estargz import CHUNK, base_tar
 
@@ -26,9 +27,9 @@ MIB = 1 << 20
 class PieceImages:
     def __init__(self, registry) -> None:
         self.gz = im.tar_layer({"etc/small": b"small file\n", "opt/big": BIG})
-        im.push(registry.host, "pieces/gzip", im.image([self.gz]), "v1")
+        push(registry.host, "pieces/gzip", im.image([self.gz]), "v1")
         self.stargz = estargz.layer(base_tar(), chunk_size=CHUNK)
-        im.push(registry.host, "pieces/estargz", im.image([self.stargz]), "v1")
+        push(registry.host, "pieces/estargz", im.image([self.stargz]), "v1")
 
 
 @pytest.fixture(scope="module")

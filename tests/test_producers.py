@@ -19,6 +19,7 @@ import pytest
 
 from imagefs.layers import estargz
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support import producers
 from tests.support.mounting import Mount
 from tests.test_rootfs import snapshot, unpack
@@ -36,8 +37,8 @@ class ProducerImages:
             layer, diff_id = producers.library_layer(tar, fmt)
             img = im.image([layer])
             assert json.loads(img.config.data)["rootfs"]["diff_ids"] == [diff_id], "the library's own diff_id"
-            im.push(self.host, f"producers/{repo}", img, "v1")
-        im.push(self.host, "producers/plain", im.image([im.Blob(im.OCI_LAYER_GZIP, im.compress(tar, "gzip"))]), "v1")
+            push(self.host, f"producers/{repo}", img, "v1")
+        push(self.host, "producers/plain", im.image([im.Blob(im.OCI_LAYER_GZIP, im.compress(tar, "gzip"))]), "v1")
         producers.skopeo_zstd_chunked(self.host, "producers/plain", "producers/skopeo-zstdchunked")
 
     def layer(self, kind: str) -> dict:
@@ -125,7 +126,7 @@ def test_a_tampered_toc_digest_on_a_dual_annotated_layer_is_refused(registry, pi
     ann = dict(layer.annotations)
     ann["containerd.io/snapshot/stargz/toc.digest"] = "sha256:" + hashlib.sha256(b"not it").hexdigest()
     bad = im.Blob(layer.media_type, layer.data, annotations=tuple(sorted(ann.items())))
-    im.push(registry.host, "producers/tampered", im.image([bad]), "v1")
+    push(registry.host, "producers/tampered", im.image([bad]), "v1")
     with Mount(f"{registry.host}/producers/tampered:v1", mnt, cache_dir) as m:
         with pytest.raises(OSError):
             m.path("rootfs/usr/bin/big-text").read_bytes()

@@ -24,6 +24,7 @@ import pytest
 
 from imagefs.registry.auth import RegistryAuth
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support import Registry
 from tests.support.tls import CA, TLSRegistry
 from tests.support.tokenserver import Rule, TokenServer
@@ -51,8 +52,8 @@ def images(tmp_path_factory) -> Images:
     workdir = tmp_path_factory.mktemp("seed")
     imgs = Images(workdir / "storage")
     with Registry(workdir) as seed:
-        im.push(seed.host, "public/app", imgs.public, "v1")
-        im.push(seed.host, "private/app", imgs.private, "v1")
+        push(seed.host, "public/app", imgs.public, "v1")
+        push(seed.host, "private/app", imgs.private, "v1")
     return imgs
 
 
@@ -363,7 +364,7 @@ def test_sync_client_pushes_and_pulls_through_token_auth(token_registry, tokens)
     """The same flow in a plain ``httpx.Client``: push (a pull,push scope) and pull back."""
     image = im.image([im.tar_layer({"pushed.txt": b"through token auth\n"})])
     with httpx.Client(auth=RegistryAuth(lambda host: ("alice", ALICE_PW)), timeout=30) as client:
-        im.push(token_registry.host, "private/pushed", image, "v1", client=client)
+        push(token_registry.host, "private/pushed", image, "v1", client=client)
         resp = client.get(f"{token_registry.url}/v2/private/pushed/manifests/v1", headers={"Accept": im.OCI_MANIFEST})
     assert resp.status_code == 200 and resp.content == image.manifest.data
     scopes = {scope for r in tokens.fetches() for scope in r.scopes}

@@ -3,6 +3,7 @@ what only it used and keeps what another image, or a live mount, still reference
 through the real command line against the session registry."""
 
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.cachefiles import backdate
 from tests.support.mounting import Mount, imagefs
 
@@ -14,7 +15,7 @@ def cached(cache_dir) -> set[str]:
 
 def test_rm_then_gc_removes_the_image_and_keeps_what_another_shares(registry, images, cache_dir):
     other = im.image([images.shared, im.tar_layer({"etc/other": b"other\n"})])
-    im.push(registry.host, "test/rm-other", other, "v1")
+    push(registry.host, "test/rm-other", other, "v1")
     for repo in ("test/oci", "test/rm-other"):
         imagefs("pull", f"{registry.host}/{repo}:v1", "--all-platforms", "--cache-dir", cache_dir, check=True)
     mine = set(images.oci.blobs) - set(other.blobs) - {im.EMPTY_JSON.digest}  # the artifact's: pull leaves it
@@ -35,7 +36,7 @@ def test_rm_then_gc_removes_the_image_and_keeps_what_another_shares(registry, im
 
 def test_rm_by_digest_and_a_second_tag_of_the_same_root(registry, images, cache_dir):
     imagefs("pull", f"{registry.host}/test/single:v1", "--cache-dir", cache_dir, check=True)
-    im.push(registry.host, "test/single", images.single, "v2")
+    push(registry.host, "test/single", images.single, "v2")
     imagefs("pull", f"{registry.host}/test/single:v2", "--cache-dir", cache_dir, check=True)
 
     done = imagefs("rm", f"{registry.host}/test/single:v1", "--cache-dir", cache_dir, check=True)

@@ -15,6 +15,7 @@ import pytest
 
 from imagefs.layers import entries
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import Mount
 from tests.support.tars import M, dir_, layer
 
@@ -53,16 +54,16 @@ class RootfsImages:
         self.arm = im.image([base, im.tar_layer({"etc/arch": b"arm64\n"})],
                             platform={"os": "linux", "architecture": "arm64", "variant": "v8"})
         self.base, self.upper = base, upper
-        im.push(host, "rootfs/multi", im.index([self.amd, self.arm]), "v1")
+        push(host, "rootfs/multi", im.index([self.amd, self.arm]), "v1")
 
         dbase = im.tar_layer({"etc/os-release": b"docker\n", "var/lib/x": b"x", "var/cache/y": b"y"}, media="docker")
         dtop = im.tar_layer({im.whiteout("var/lib"): b"", "var/cache/" + im.OPAQUE_WHITEOUT: b"", "var/cache/z": b"z"}, media="docker")
         self.docker = im.image([dbase, dtop], media="docker")
-        im.push(host, "rootfs/docker", self.docker, "v1")
+        push(host, "rootfs/docker", self.docker, "v1")
 
         self.lazy_layer = im.tar_layer({"etc/small": b"small file\n", "opt/big": BIG})
         self.lazy = im.image([self.lazy_layer])
-        im.push(host, "rootfs/lazy", self.lazy, "v1")
+        push(host, "rootfs/lazy", self.lazy, "v1")
 
         hostile = layer([
             M("../escape", b"no"), M("/abs", b"no"), M("ok/../../up", b"no"), M("x", b"1"), M("x", b"2"),
@@ -71,12 +72,12 @@ class RootfsImages:
         ])
         many = layer([dir_(f"d{i}") for i in range(20)] + [M(f"d{i % 20}/f{i}", b"") for i in range(20_000)])
         self.hostile = im.image([hostile, many])
-        im.push(host, "rootfs/hostile", self.hostile, "v1")
+        push(host, "rootfs/hostile", self.hostile, "v1")
 
         # zstandard is a dependency: this layer always exists and its test always runs
         self.zstd = im.image([im.tar_layer({"etc/z": b"zstd data\n", "opt/big": BIG[: 3 << 20]}, compression="zstd"),
                               im.tar_layer({"opt/.wh.big": b""}, compression="zstd")])
-        im.push(host, "rootfs/zstd", self.zstd, "v1")
+        push(host, "rootfs/zstd", self.zstd, "v1")
 
 
 @pytest.fixture(scope="session")

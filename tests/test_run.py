@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support import hostimage as hi
 from tests.support.mounting import IMAGEFS, running
 
@@ -37,10 +38,10 @@ class RunImages:
         self.push("run/nocmd", [self.layer])
         arm = im.image([self.layer], platform={"os": "linux", "architecture": "arm64", "variant": "v8"},
                        config_extra=hi.run_config(cmd=["true"]))
-        im.push(self.host, "run/arm", arm, "v1")
+        push(self.host, "run/arm", arm, "v1")
 
     def push(self, repo: str, layers: list[im.Blob], **config) -> None:
-        im.push(self.host, repo, im.image(layers, config_extra=hi.run_config(**config)), "v1")
+        push(self.host, repo, im.image(layers, config_extra=hi.run_config(**config)), "v1")
 
     def ref(self, repo: str) -> str:
         return f"{self.host}/{repo}:v1"

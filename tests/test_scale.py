@@ -19,6 +19,7 @@ from imagefs.layers import entries
 from imagefs.layers.entries import DIR, FILE, Entry, LayerIndex
 from imagefs.layers.merge import merge
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import Mount
 from tests.support.tars import M, dir_, layer
 
@@ -40,7 +41,7 @@ def big_dir_members() -> list[M]:
 @pytest.fixture(scope="module")
 def big_image(registry):
     img = im.image([layer(big_dir_members())])
-    im.push(registry.host, "scale/bigdir", img, "v1")
+    push(registry.host, "scale/bigdir", img, "v1")
     return img
 
 

@@ -28,6 +28,7 @@ from imagefs.descriptors import (SOCI_INDEX_DIGEST, SOCI_INDEX_V1, SOCI_INDEX_V2
                                  SOCI_MANIFEST_DIGEST)
 from imagefs.layers import ztoc
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import IMAGEFS, Mount
 from tests.test_rootfs import snapshot, unpack
 
@@ -71,7 +72,7 @@ class SociImages:
         self.big = im.tar_layer(big_files())
         self.small = im.tar_layer({"etc/hostname": b"soci\n", im.whiteout("usr/share/doc/pkg0/file000.txt"): b""})
         self.image = im.image([self.big, self.small])
-        im.push(self.host, "soci/plain", self.image, "v1")
+        push(self.host, "soci/plain", self.image, "v1")
         done = subprocess.run([*IMAGEFS, "copy", "--soci", "--soci-span-size", str(SPAN), "--soci-min-layer-size",
                                str(MIN_LAYER), f"{self.host}/soci/plain:v1", f"{self.host}/soci/enabled:v1",
                                "--cache-dir", str(tmp / "first-machine")], capture_output=True, text=True, timeout=300)
@@ -257,7 +258,7 @@ def publish_v1(host: str, repo: str, image: im.Image, ztocs: dict[str, bytes], *
                       for layer, b in blobs.items()],
            "subject": image.manifest.descriptor(), "annotations": {"com.amazon.soci.build-tool-identifier": "test"}}
     manifest = im.Blob(im.OCI_MANIFEST, json.dumps(doc).encode(), refs=(config, *blobs.values()))
-    im.push(host, repo, manifest, None)
+    push(host, repo, manifest, None)
     referrers = im.Blob(im.OCI_INDEX, json.dumps({"schemaVersion": 2, "mediaType": im.OCI_INDEX, "manifests": [
         manifest.descriptor(artifactType=SOCI_INDEX_V1)]}).encode())
     if tag:
@@ -269,7 +270,7 @@ def publish_v1(host: str, repo: str, image: im.Image, ztocs: dict[str, bytes], *
 @pytest.fixture(scope="module")
 def v1(soci) -> dict:
     desc, data = soci.ztoc_of_big()
-    im.push(soci.host, "soci/v1", soci.image, "v1")
+    push(soci.host, "soci/v1", soci.image, "v1")
     publish_v1(soci.host, "soci/v1", soci.image, {soci.big.digest: data})
     return {"ztoc": desc, "data": data}
 
@@ -295,7 +296,7 @@ def test_no_remote_index_refuses_a_v1_referrer(soci, v1, proxy, mnt, cache_dir):
 
 
 def test_v1_found_through_the_referrers_api(soci, v1, proxy, mnt, cache_dir):
-    im.push(soci.host, "soci/api", soci.image, "v1")
+    push(soci.host, "soci/api", soci.image, "v1")
     manifest, referrers = publish_v1(soci.host, "soci/api", soci.image, {soci.big.digest: v1["data"]}, tag=False)
     fake = proxy.respond(rf"/v2/soci/api/referrers/{soci.image.manifest.digest}", 200, referrers.data,
                          {"Content-Type": im.OCI_INDEX}, method="GET")
@@ -313,7 +314,7 @@ def test_a_ztoc_with_a_bad_offset_falls_back_with_one_log_line(soci, v1, proxy, 
     members = list(z.members)
     members[0] = dataclasses.replace(members[0], offset=z.uncompressed_size + 4096)
     bad = ztoc.encode(dataclasses.replace(z, members=tuple(members) if isinstance(z.members, tuple) else members))
-    im.push(soci.host, "soci/bad", soci.image, "v1")
+    push(soci.host, "soci/bad", soci.image, "v1")
     publish_v1(soci.host, "soci/bad", soci.image, {soci.big.digest: bad})
     want = snapshot(unpack(registry, "soci/plain", tmp_path))
     with Mount(f"{proxy.host}/soci/bad:v1", mnt, cache_dir) as m:

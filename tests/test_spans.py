@@ -20,6 +20,7 @@ from imagefs.descriptors import Descriptor
 from imagefs.layers import gzpass, service, spans, zran
 from imagefs.layers.spans import DataRanges, Point
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from tests.support.mounting import IMAGEFS, Mount
 from tests.test_soci import text
 
@@ -162,7 +163,7 @@ def cat_costs(m: Mount, proxy, layer: im.Blob, names: list[str], files: dict) ->
 
 
 def test_a_small_file_read_after_eviction_fetches_at_most_512_kib(registry, proxy, mixed, tmp_path, cache_dir):
-    im.push(registry.host, "spans/plain", im.image([mixed]), "v1")
+    push(registry.host, "spans/plain", im.image([mixed]), "v1")
     ref = f"{proxy.host}/spans/plain:v1"
     with Mount(ref, tmp_path / "m1", cache_dir, "--index"):
         pass
@@ -176,7 +177,7 @@ def test_a_small_file_read_after_eviction_fetches_at_most_512_kib(registry, prox
 
 def test_a_second_machine_reads_a_small_file_for_at_most_512_kib_of_a_default_ztoc(registry, proxy, mixed, tmp_path,
                                                                                  cache_dir):
-    im.push(registry.host, "spans/plain2", im.image([mixed]), "v1")
+    push(registry.host, "spans/plain2", im.image([mixed]), "v1")
     done = subprocess.run([*IMAGEFS, "copy", "--soci", f"{registry.host}/spans/plain2:v1",
                            f"{registry.host}/spans/soci:v1", "--cache-dir", str(tmp_path / "first")],
                           capture_output=True, text=True, timeout=300)
@@ -198,7 +199,7 @@ def test_a_second_machine_reads_a_small_file_for_at_most_512_kib_of_a_default_zt
 
 def test_an_index_inflated_as_the_blob_arrives_is_kept_only_if_the_blob_matches(registry, proxy, mixed, tmp_path,
                                                                                  cache_dir):
-    im.push(registry.host, "spans/arrive", im.image([mixed]), "v1")
+    push(registry.host, "spans/arrive", im.image([mixed]), "v1")
     ref = f"{proxy.host}/spans/arrive:v1"
     hexdigest = mixed.digest.partition(":")[2]
     index = cache_dir / "indexes" / "sha256" / f"{hexdigest}.v3"

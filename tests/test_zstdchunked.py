@@ -17,6 +17,7 @@ import pytest
 from imagefs.layers import toc
 from imagefs.layers import zstdchunked as zreader
 from imagefs.testing import images as im
+from imagefs.testing.push import push
 from imagefs.testing import zstdchunked
 from tests.support.mounting import Mount
 from tests.test_estargz import BIG, CHUNK, base_tar, upper_tar
@@ -42,12 +43,12 @@ class ZstdImages:
         self.base = zstdchunked.layer(base_tar(), chunk_size=CHUNK)
         self.upper = zstdchunked.layer(upper_tar())
         self.full = im.image([self.base, self.upper])
-        im.push(host, "zstdchunked/full", self.full, "v1")
+        push(host, "zstdchunked/full", self.full, "v1")
         self.wrong = zstdchunked.layer(base_tar(), chunk_size=CHUNK,
                                        annotations={zstdchunked.CHECKSUM_ANNOTATION: "sha256:" + "1" * 64})
-        im.push(host, "zstdchunked/wrong", im.image([self.wrong]), "v1")
+        push(host, "zstdchunked/wrong", im.image([self.wrong]), "v1")
         self.bare = zstdchunked.layer(base_tar(), chunk_size=CHUNK, annotate=False)
-        im.push(host, "zstdchunked/bare", im.image([self.bare]), "v1")
+        push(host, "zstdchunked/bare", im.image([self.bare]), "v1")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ Functions take the cache root (a ``Path`` or ``str``) and return paths; nothing 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: the two files of an ingest directory
@@ -106,3 +107,11 @@ def mount_record(root: Path | str, pid: int) -> Path:
 
 def logs(root: Path | str) -> Path:
     return Path(root) / "logs"
+
+
+def default_cache_dir() -> Path:
+    """``$IMAGEFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/imagefs``, else ``~/.cache/imagefs``."""
+    if os.environ.get("IMAGEFS_CACHE_DIR"):
+        return Path(os.environ["IMAGEFS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imagefs"

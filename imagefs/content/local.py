@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 XATTR_PREFIX = "user."
 
 
-def default_cache_dir() -> Path:
-    """``$IMAGEFS_CACHE_DIR``, else ``$XDG_CACHE_HOME/imagefs``, else ``~/.cache/imagefs``."""
-    if os.environ.get("IMAGEFS_CACHE_DIR"):
-        return Path(os.environ["IMAGEFS_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imagefs"
-
-
 @dataclass(frozen=True)
 class StoreStatistics:
     """What one process's store did (trio's ``statistics()`` style: a snapshot)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..descriptors import Descriptor, is_manifest
 from ..errors import ImagefsError, InvalidLayer, RegistryError
 from . import diffids, entries, gzpass, lazy, remote, tarindex, zran
 from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex, sniff
+from .streams import Arriving, Counting, ZstdCursor
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +76,6 @@ class LayersStatistics:
     remote_refused: int  # TOCs, zTOCs or SOCI indexes found wrong
 
 
-class _Counting(io.RawIOBase):
-    """The committed blob as a raw stream, counting bytes consumed for the progress log."""
-
-    def __init__(self, f) -> None:
-        super().__init__()
-        self.f, self.consumed = f, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        n = self.f.readinto(buf)
-        self.consumed += n
-        return n
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.consumed = self.f.seek(offset, whence)
-        return self.consumed
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-
 def build(path: str, desc: Descriptor) -> LayerIndex:
     """The index of the committed blob at ``path`` (blocking: run it in a thread)."""
     start = time.monotonic()
@@ -115,7 +89,7 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
                  time.monotonic() - start)
         return index
     with open(path, "rb", buffering=0) as f:
-        raw = _Counting(f)
+        raw = Counting(f)
         if compression == ZSTD:
             import zstandard
 
@@ -146,7 +120,7 @@ class Layers:
         self._indexes: dict[str, LayerIndex] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._gz: dict[str, zran.RandomAccess] = {}
-        self._zstd: dict[str, _ZstdCursor] = {}
+        self._zstd: dict[str, ZstdCursor] = {}
         self.stats = LayerStatistics()
         self.toc = lazy.TocLayers(reader, self.root, self.stats.toc)
         self._handles: dict[str, Handle] = {}  # plain-tar reads without a handle of their own: one per layer
@@ -235,7 +209,7 @@ class Layers:
             return None
         tail = await self.reader.read(desc, desc.size - 4, 4)  # ISIZE: the tar's size, mod 4 GiB
         estimate = max(desc.size, int.from_bytes(tail, "little"))
-        stream = io.BufferedReader(_Arriving(self.reader, desc), 4 << 20)
+        stream = io.BufferedReader(Arriving(self.reader, desc), 4 << 20)
         return await trio.to_thread.run_sync(
             functools.partial(gzpass.inflate_stream, stream, desc.size, desc.ref_key, estimate=estimate))
 
@@ -321,7 +295,7 @@ class Layers:
                 raise
         else:
             await self._complete(desc)
-            cursor = self._zstd.setdefault(desc.digest, _ZstdCursor(str(self.reader.store.path(desc.digest))))
+            cursor = self._zstd.setdefault(desc.digest, ZstdCursor(str(self.reader.store.path(desc.digest))))
             data = await trio.to_thread.run_sync(cursor.pread, pos, size)
         self.stats.bytes_inflated += len(data)
         if len(data) != size:
@@ -348,66 +322,3 @@ class Layers:
             return got.data, bool(digest)
 
         return get
-
-
-class _Arriving(io.RawIOBase):
-    """A blob as the mount's reader fetches it, read from a worker thread: each read waits in trio
-    for its bytes. They are not verified yet: what is built from them is kept only once the whole
-    blob has matched its digest (a mismatch fails these reads, or the commit after them)."""
-
-    def __init__(self, reader: BlobRanges, desc: Descriptor) -> None:
-        super().__init__()
-        self.reader, self.desc, self.pos = reader, desc, 0
-        self.handle = reader.open(desc, 0)  # one handle: the reader sees a sequential stream and fetches ahead
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.desc.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buf) -> int:
-        n = min(len(buf), self.desc.size - self.pos)
-        if n <= 0:
-            return 0
-        data = trio.from_thread.run(self.reader.read, self.desc, self.pos, n, self.handle)
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-class _ZstdCursor:
-    """One forward-only decompressor per zstd layer; a read behind it starts again from the top."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-        self._f = None
-        self._z = None
-
-    def pread(self, offset: int, size: int) -> bytes:
-        import zstandard
-
-        with self.lock:
-            if self._z is None or self._z.tell() > offset:
-                if self._f is not None:
-                    self._f.close()
-                self._f = open(self.path, "rb")
-                self._z = zstandard.ZstdDecompressor().stream_reader(self._f, read_size=1 << 20)
-            self._z.seek(offset)
-            parts, left = [], size
-            while left:
-                chunk = self._z.read(left)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                left -= len(chunk)
-            return b"".join(parts)

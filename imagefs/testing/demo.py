@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .images import Blob, FileEntry, Image, Index, image, index, push, random_layer, tar_layer
+from .images import Blob, FileEntry, Image, Index, image, index, random_layer, tar_layer
+from .push import push
 
 PLATFORMS = (
     {"os": "linux", "architecture": "amd64"},
