@@ -73,6 +73,19 @@ class _Conn:
     origin: str
 
 
+def replay_tls(url: httpx.URL, tls: ssl.SSLContext | bool) -> ssl.SSLContext | None:
+    """The TLS context a plain socket replaying httpx's request to ``url`` needs: httpx's own, or
+    one that checks nothing where httpx was told not to (``--insecure``); None for plain HTTP."""
+    if url.scheme != "https":
+        return None
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def proxied(url: str) -> bool:
     """Whether httpx would send a request for ``url`` through a proxy from the environment."""
     proxies = urllib.request.getproxies_environment()
@@ -98,14 +111,7 @@ class DirectClient:
         url = request.url
         if url.scheme not in ("http", "https") or proxied(str(url)):
             return
-        context: ssl.SSLContext | None = None
-        if url.scheme == "https":
-            if isinstance(tls, ssl.SSLContext):
-                context = tls
-            else:  # verify=False: --insecure
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
+        context = replay_tls(url, tls)
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
         lines = [b"Host: " + url.netloc]  # as httpx sent it: "host[:port]"

@@ -19,18 +19,16 @@ import httpx
 from ..errors import ImagefsError, NotFound, RegistryError, RegistryUnreachable, Unauthorized
 from ..reference import Reference
 from .auth import Credentials, RegistryAuth
-from .blobstream import reason
-from .client import error_detail
 from .credentials import ssl_context
 from .retry import RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
 from .sendbody import Answered, ChunkReader, Patch, Route, feed, route_of
+from .transport import error_detail, read_error_body, reason
 
-__all__ = ["PushHttp", "MAX_ERROR_BODY"]
+__all__ = ["PushHttp"]
 
 log = logging.getLogger(__name__)
 
 #: Error bodies are read for the registry's message, never more than this.
-MAX_ERROR_BODY = 64 * 1024
 
 
 class PushHttp:
@@ -132,17 +130,8 @@ class PushHttp:
 
     async def status_error(self, resp: httpx.Response, what: str) -> ImagefsError:
         """The error an unwanted answer means, with the registry's own message when it sent one."""
-        body = bytearray()
-        try:
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) >= MAX_ERROR_BODY:
-                    break
-        except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
-            pass
-        finally:
-            await resp.aclose()
-        detail = error_detail(httpx.Response(resp.status_code, content=bytes(body)))
+        body = await read_error_body(resp)
+        detail = error_detail(httpx.Response(resp.status_code, content=body))
         code = resp.status_code
         if code in (401, 403):
             return Unauthorized(f"access denied to {self.ref.name} ({self.auth.identity}): push{detail}")

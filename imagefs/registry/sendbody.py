@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable
 import httpx
 import trio
 
-from .direct import proxied
+from .direct import proxied, replay_tls
 
 __all__ = ["Route", "Answer", "Answered", "Patch", "ChunkReader", "route_of", "feed", "file_pieces", "hash_file"]
 
@@ -97,14 +97,7 @@ def route_of(request: httpx.Request, tls: ssl.SSLContext | bool) -> Route | None
     url = request.url
     if url.scheme not in ("http", "https") or proxied(str(url)):
         return None
-    context: ssl.SSLContext | None = None
-    if url.scheme == "https":
-        if isinstance(tls, ssl.SSLContext):
-            context = tls
-        else:  # verify=False: --insecure
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+    context = replay_tls(url, tls)
     lines = [b"Host: " + url.netloc]
     lines += [k + b": " + v for k, v in request.headers.raw if k.lower() not in _DROP]
     return Route(_origin(url), url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80),

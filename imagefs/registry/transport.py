@@ -42,7 +42,7 @@ from .direct import Body, DirectClient, Recipe
 from .hosts import Endpoint, endpoints, uses_plain_http
 from .retry import FETCH, RESOLVE, RETRY_STATUSES, Retrier, RetryPolicy, parse_retry_after, retryable_transport
 
-__all__ = ["RegistryTransport", "RegistryStatistics", "Host", "Source", "error_detail", "reason"]
+__all__ = ["RegistryTransport", "RegistryStatistics", "Host", "Source", "error_detail", "reason", "read_error_body"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,22 @@ class RegistryStatistics:
     direct_bytes: int = 0
     retries: int = 0  # waits before another try (a 429/5xx, a reset, a cut body)
     fallbacks: int = 0  # operations moved on to the next host (a mirror failing)
+
+
+async def read_error_body(resp: httpx.Response) -> bytes:
+    """The first :data:`MAX_ERROR_BODY` bytes of an unwanted answer's body, read tolerantly (a body
+    cut short must not turn the registry's answer into a network error), and the response closed."""
+    body = bytearray()
+    try:
+        async for chunk in resp.aiter_bytes():
+            body += chunk
+            if len(body) >= MAX_ERROR_BODY:
+                break
+    except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
+        pass
+    finally:
+        await resp.aclose()
+    return bytes(body)
 
 
 class RegistryTransport:
@@ -277,19 +293,10 @@ class RegistryTransport:
         The body is read briefly and tolerantly: docker-registry answers 416 with a
         ``Content-Length`` its body does not fill, and that must not look like a network failure.
         """
-        body = bytearray()
-        try:
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) >= MAX_ERROR_BODY:
-                    break
-        except (httpx.TransportError, httpx.DecodingError, httpx.StreamError):
-            pass
-        finally:
-            await resp.aclose()
+        body = await read_error_body(resp)
         headers = [(k, v) for k, v in resp.headers.multi_items()
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-        plain = httpx.Response(resp.status_code, headers=headers, content=bytes(body), request=resp.request)
+        plain = httpx.Response(resp.status_code, headers=headers, content=body, request=resp.request)
         return self._error_for(plain, what, host=host.endpoint.netloc if host is not None else None)
 
     def transport_error(self, exc: httpx.TransportError, host: Host | None = None) -> RegistryError:
