@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -135,27 +135,21 @@ class BlobSource:
     async def _file(self, path: Path, offset: int) -> AsyncIterator[bytes]:
         """The committed file from ``offset``, hashed from its start: a file corrupted on disk since
         its commit raises before its last byte."""
-        hasher, pos, last = hashlib.sha256(), 0, None
-        with open(path, "rb", buffering=0) as f:
-            while pos < self.desc.size:
-                chunk = await trio.to_thread.run_sync(_read_hashed, f, READ_CHUNK, hasher)
-                if not chunk:
-                    break
-                end = pos + len(chunk)
-                if end > offset:
-                    part = chunk[offset - pos:] if offset > pos else chunk
-                    if last is not None:
-                        yield last
-                    last = part
-                    self.from_cache += len(part)
-                    self.on_bytes(len(part))
-                pos = end
-        actual = "sha256:" + hasher.hexdigest()
-        if pos != self.desc.size or actual != self.desc.digest:
-            raise DigestMismatch(f"{self.desc.ref_key}: the cached {path} holds {pos} bytes with digest {actual}, "
-                                 f"expected {self.desc.size} bytes, {self.desc.digest} (imagefs fsck --repair)")
-        if last is not None:
-            yield last
+        hasher = hashlib.sha256()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            pos = 0
+            with open(path, "rb", buffering=0) as f:
+                while pos < self.desc.size:
+                    chunk = await trio.to_thread.run_sync(_read_hashed, f, READ_CHUNK, hasher)
+                    if not chunk:
+                        return
+                    pos += len(chunk)
+                    yield chunk
+
+        wrong = f"the cached {path} holds {{n}} bytes with digest {{actual}}"
+        async for part in self._checked(chunks(), offset, hasher, self._read_from_file, wrong, " (imagefs fsck --repair)"):
+            yield part
 
     async def _fetch(self, at: int) -> AsyncIterator[bytes]:
         """SRC's bytes ``[at, size)``: a first short range through httpx, the rest as a second one
@@ -204,21 +198,36 @@ class BlobSource:
 
     async def _direct(self, offset: int) -> AsyncIterator[bytes]:
         """From SRC with no cache: hashed here, from the start even when resuming at ``offset``."""
-        hasher, at, last = hashlib.sha256(), 0, None
-        async for chunk in self._fetch(0):
-            await trio.to_thread.run_sync(hasher.update, chunk)
-            end = at + len(chunk)
-            if end > offset:
-                part = chunk[offset - at:] if offset > at else chunk
-                if last is not None:
-                    yield last
-                last = part
-                self.on_bytes(len(part))
-            at = end
+        hasher = hashlib.sha256()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in self._fetch(0):
+                await trio.to_thread.run_sync(hasher.update, chunk)
+                yield chunk
+
+        async for part in self._checked(chunks(), offset, hasher, self.on_bytes, "source sent {n} bytes with digest {actual}"):
+            yield part
+
+    async def _checked(self, chunks: AsyncIterator[bytes], offset: int, hasher, on_part: Callable[[int], None],
+                       wrong: str, hint: str = "") -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset``, out of ``chunks`` (the whole blob from its start, each
+        chunk already fed to ``hasher``); the last part only once the whole blob hashed right, so a
+        wrong blob is never handed over complete. ``wrong`` names what was got (``{n}``, ``{actual}``)."""
+        pos, last = 0, None
+        async with aclosing(chunks) as each:
+            async for chunk in each:
+                end = pos + len(chunk)
+                if end > offset:
+                    part = chunk[offset - pos:] if offset > pos else chunk
+                    if last is not None:
+                        yield last
+                    last = part
+                    on_part(len(part))
+                pos = end
         actual = "sha256:" + hasher.hexdigest()
-        if at != self.desc.size or actual != self.desc.digest:
-            raise DigestMismatch(f"{self.desc.ref_key}: source sent {at} bytes with digest {actual}, "
-                                 f"expected {self.desc.size} bytes, {self.desc.digest}")
+        if pos != self.desc.size or actual != self.desc.digest:
+            got = wrong.format(n=pos, actual=actual)
+            raise DigestMismatch(f"{self.desc.ref_key}: {got}, expected {self.desc.size} bytes, {self.desc.digest}{hint}")
         if last is not None:
             yield last
 

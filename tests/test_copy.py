@@ -245,6 +245,32 @@ def test_a_corrupt_source_blob_fails_and_leaves_no_tag(proxy, images, dest, dest
     assert layer.digest in sent
 
 
+def test_a_blob_another_process_is_writing_streams_uncached_and_is_still_verified(proxy, images, dest, dest_proxy,
+                                                                                    cache_dir):
+    """When another process holds the cache's writer for a blob (a mount fetching it), the copy
+    streams it from SRC without caching it: hashed on the way all the same, so a corrupt source
+    still fails without a tag, and a clean one is copied while the cache stays untouched."""
+    from imagefs.content import filelock
+
+    layer = images.shared
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.try_lock(cache_dir, f"layer-{layer.digest}")
+    assert lock is not None
+    try:
+        proxy.corrupt(layer.digest, offset=len(layer.data) // 2)
+        line = one_error_line(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/held/oci:v1", cache_dir=cache_dir))
+        assert layer.digest in line and "source sent" in line
+        assert manifest(dest.host, "held/oci", "v1").status_code == 404, "no tag on a partial image"
+        assert not has_blob(dest.host, "held/oci", layer.digest)
+        proxy.clear_faults()
+        ok(copy(f"{proxy.host}/test/oci:v1", f"{dest_proxy.host}/held/oci:v1", cache_dir=cache_dir))
+        assert manifest(dest.host, "held/oci", "v1").content == images.oci.index.data
+        assert has_blob(dest.host, "held/oci", layer.digest)
+        assert not (cache_dir / "blobs" / "sha256" / layer.digest[7:]).exists(), "the held blob was not cached"
+    finally:
+        lock.close()
+
+
 # -- auth -----------------------------------------------------------------------------------------
 
 
