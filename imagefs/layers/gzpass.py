@@ -163,12 +163,15 @@ def inflate(path: str, label: str, *, dense: int = spans.DENSE, on_member: Calla
 class _Inflating(io.RawIOBase):
     """The tar inside a gzip stream (members one after another, zero padding after the last, as
     :mod:`gzip` reads them), through :mod:`zlib` (which releases the GIL as it inflates); each tar
-    byte is hashed once as it is produced (the diff_id) and counted."""
+    byte is counted, and hashed once (the diff_id) in a thread of its own, a chunk behind: the
+    thread that inflates and scans the tar is the pass's longest, and hashlib releases the GIL."""
 
     def __init__(self, raw) -> None:
         super().__init__()
         self.raw = raw
         self.h = hashlib.sha256()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagefs-diffid")
+        self._hashing: concurrent.futures.Future | None = None  # the chunk being hashed: one at a time, in order
         self.produced = 0
         self._d = zlib.decompressobj(31)
         self._pending = b""  # compressed bytes read, not yet given to the decompressor
@@ -205,9 +208,18 @@ class _Inflating(io.RawIOBase):
             if out:
                 n = len(out)
                 buf[:n] = out
-                self.h.update(out)
+                self._hash(out)
                 self.produced += n
                 return n
+
+    def _hash(self, chunk: bytes) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+        self._hashing = self._hasher.submit(self.h.update, chunk)
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        super().close()
 
     def finish(self) -> str | None:
         """``sha256:…`` of the whole tar stream, or None if its tail cannot be inflated."""
@@ -216,6 +228,8 @@ class _Inflating(io.RawIOBase):
                 pass
         except diffids.INFLATE_ERRORS:
             return None
+        if self._hashing is not None:
+            self._hashing.result()
         return None if self.truncated else "sha256:" + self.h.hexdigest()
 
 
@@ -296,6 +310,7 @@ def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = span
                     side.stopped = True
                     raise
                 finally:
+                    tar.close()
                     thread.join()
                 tar_size = tar.produced
                 if errors and not (uncompressed == "" and isinstance(errors[0], indexed_gzip.ZranError)):
