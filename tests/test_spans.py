@@ -176,6 +176,26 @@ def test_the_split_pass_zlib_for_the_tar_and_indexed_gzip_for_checkpoints_agrees
             assert c.window == tar[c.uncompressed - len(c.window):c.uncompressed], c.uncompressed
 
 
+def test_the_split_pass_reads_a_second_member_whose_magic_a_read_cut_in_two():
+    # the first member ends one byte before a read of the tar side ends: the next read holds the
+    # rest of the second member's magic (b"\\x1f" | b"\\x8b..."), which is no trailing garbage
+    files = {f"d/f{i}": random.Random(i).randbytes(9000) for i in range(200)}
+    tar = im.uncompressed(im.tar_layer(files, compression="none"))
+    cut = (gzpass.READ - 16384) // 512 * 512
+    while len(gzip.compress(tar[:cut + 8192], 1, mtime=0)) < gzpass.READ - 1024:
+        cut += 8192  # as near a read's end as keeps room for the name field below
+    first = gzip.compress(tar[:cut], 1, mtime=0)
+    pad = gzpass.READ - 1 - len(first) - 1  # an FNAME field makes the member exactly READ - 1 bytes
+    assert 0 < pad < 60000
+    first = first[:3] + bytes([first[3] | 8]) + first[4:10] + b"n" * pad + b"\0" + first[10:]
+    assert len(first) == gzpass.READ - 1
+    data = first + gzip.compress(tar[cut:], 1, mtime=0)
+    with _pass(data, len(tar), True) as split, _pass(data, len(tar), False) as one:
+        assert split.tar_size == one.tar_size == len(tar)
+        assert split.uncompressed == one.uncompressed == "sha256:" + hashlib.sha256(tar).hexdigest()
+        assert split.entries == one.entries and len(split.entries) == 201
+
+
 def test_the_split_pass_refuses_what_does_not_inflate_and_keeps_no_diff_id_of_a_cut_stream(mixed):
     tar = im.uncompressed(mixed)
     cut = mixed.data[:len(mixed.data) // 2]
