@@ -8,6 +8,7 @@ layer once (its statistics record) and what it builds is checked by tarfile, has
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import random
@@ -17,6 +18,7 @@ import tarfile
 import pytest
 
 from imagefs.descriptors import Descriptor
+from imagefs.errors import InvalidLayer
 from imagefs.layers import gzpass, service, spans, zran
 from imagefs.layers.spans import DataRanges, Point
 from imagefs.testing import images as im
@@ -147,6 +149,77 @@ def test_the_local_pass_inflates_once_and_builds_everything_from_it(mixed, tmp_p
     rng = random.Random(5)
     for offset in [rng.randrange(len(tar) - 5000) for _ in range(40)]:
         assert reader.pread(offset, 5000) == tar[offset:offset + 5000], offset
+
+
+def _pass(data: bytes, estimate: int, split: bool) -> gzpass.Pass:
+    return gzpass.inflate_stream(io.BytesIO(data), len(data), "t", estimate=estimate, progress=False,
+                                 index_stream=io.BytesIO(data) if split else None)
+
+
+@pytest.mark.parametrize("shape", ["one member", "two members", "zero padding", "trailing bytes"])
+def test_the_split_pass_zlib_for_the_tar_and_indexed_gzip_for_checkpoints_agrees_with_one_thread(mixed, shape):
+    # a mount and copy --soci inflate the tar through zlib in one thread while indexed_gzip places the
+    # candidate checkpoints from a second reader of the same bytes in another; the gzip shapes that
+    # indexed_gzip reads on its own must give the same tar rows, tar size and diff_id
+    tar = im.uncompressed(mixed)
+    data = {"one member": mixed.data,
+            "two members": gzip.compress(tar[:len(tar) // 3], 1) + gzip.compress(tar[len(tar) // 3:], 1),
+            "zero padding": mixed.data + bytes(1000),
+            "trailing bytes": mixed.data + b"not gzip"}[shape]
+    with _pass(data, len(tar), True) as split, _pass(data, len(tar), False) as one:
+        assert split.entries == one.entries
+        assert split.tar_size == one.tar_size == len(tar)
+        assert split.uncompressed == one.uncompressed == "sha256:" + hashlib.sha256(tar).hexdigest()
+        assert len(split.candidates) > 10
+        chosen = spans.choose(split.candidates, split.first, split.ranges, 256 * KIB)
+        assert len(chosen) > 3
+        for c in split.checkpoints(chosen)[1:]:  # each window is the 32 KiB of tar before its point
+            assert c.window == tar[c.uncompressed - len(c.window):c.uncompressed], c.uncompressed
+
+
+def test_the_split_pass_reads_a_second_member_whose_magic_a_read_cut_in_two():
+    # the first member ends one byte before a read of the tar side ends: the next read holds the
+    # rest of the second member's magic (b"\\x1f" | b"\\x8b..."), which is no trailing garbage
+    files = {f"d/f{i}": random.Random(i).randbytes(9000) for i in range(200)}
+    tar = im.uncompressed(im.tar_layer(files, compression="none"))
+    cut = (gzpass.READ - 16384) // 512 * 512
+    while len(gzip.compress(tar[:cut + 8192], 1, mtime=0)) < gzpass.READ - 1024:
+        cut += 8192  # as near a read's end as keeps room for the name field below
+    first = gzip.compress(tar[:cut], 1, mtime=0)
+    pad = gzpass.READ - 1 - len(first) - 1  # an FNAME field makes the member exactly READ - 1 bytes
+    assert 0 < pad < 60000
+    first = first[:3] + bytes([first[3] | 8]) + first[4:10] + b"n" * pad + b"\0" + first[10:]
+    assert len(first) == gzpass.READ - 1
+    data = first + gzip.compress(tar[cut:], 1, mtime=0)
+    with _pass(data, len(tar), True) as split, _pass(data, len(tar), False) as one:
+        assert split.tar_size == one.tar_size == len(tar)
+        assert split.uncompressed == one.uncompressed == "sha256:" + hashlib.sha256(tar).hexdigest()
+        assert split.entries == one.entries and len(split.entries) == 201
+
+
+def test_the_split_pass_refuses_what_does_not_inflate_and_keeps_no_diff_id_of_a_cut_stream(mixed):
+    tar = im.uncompressed(mixed)
+    cut = mixed.data[:len(mixed.data) // 2]
+    with _pass(cut, len(tar), True) as p:
+        assert p.uncompressed == "", "a stream cut inside its member has no diff_id"
+        assert 0 < len(p.entries) < len(tarfile.open(fileobj=io.BytesIO(tar)).getmembers())
+    bad = bytearray(mixed.data)
+    bad[len(bad) // 3:len(bad) // 3 + 64] = bytes(64)
+    with pytest.raises(InvalidLayer):
+        _pass(bytes(bad), len(tar), True).close()
+    with pytest.raises(InvalidLayer):
+        _pass(b"\x1f\x8b\x08\0\0\0\0\0\0\xff" + b"no deflate here" * 100, len(tar), True).close()
+
+
+def test_span_digests_two_at_a_time_are_each_ranges_sha256(tmp_path):
+    data = random.randbytes(3 * MIB + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    ranges = [(0, 10), (9, 1 << 20), (1 << 20, 3 * MIB), (3 * MIB, len(data)), (5, 5)]
+    assert gzpass.span_digests(str(path), ranges) == ["sha256:" + hashlib.sha256(data[a:b]).hexdigest() for a, b in ranges]
+    assert gzpass.span_digests(str(path), ranges[:1]) == ["sha256:" + hashlib.sha256(data[:10]).hexdigest()]
+    with pytest.raises(InvalidLayer):
+        gzpass.span_digests(str(path), [(0, 10), (len(data) - 5, len(data) + 5)])
 
 
 # -- what a small read costs through a mount, counted at the proxy --------------------------------------

@@ -3,14 +3,19 @@
 First contact with a plain gzip image (no zTOC in the registry) and ``copy --soci`` both need,
 per layer: the tar's members, the uncompressed digest (``rootfs.diff_ids``), inflate checkpoints
 and a sha256 per compressed span. Until issue 11 the local pass inflated the layer twice (once
-through indexed_gzip for the checkpoints, once through zlib for the tar). Here one inflate feeds
-the tar scan (:func:`.tarindex.scan`, through :class:`.diffids.Hashing`) while indexed_gzip records
-a candidate checkpoint at a deflate block boundary every ``spacing`` uncompressed bytes; the
-candidates are then thinned by :mod:`.spans`' rule, and only the chosen ones' 32 KiB windows are
-read back (indexed_gzip's export goes to a temporary file, not memory). A mount feeds the pass
-with the blob as it arrives (:func:`inflate_stream`), so fetching and inflating overlap; ``copy
---soci`` reads the committed file. The span digests need the chosen checkpoints, so they are a
-second *read* of the committed blob (page-cached), never a second inflate.
+through indexed_gzip for the checkpoints, once through zlib for the tar), one after the other.
+Now one read of the blob feeds two threads at once: :mod:`zlib` inflates the tar for the scan
+(:func:`.tarindex.scan`) and the diff_id, while indexed_gzip, from a second reader of the same
+bytes, expands its index over the stream and records a candidate checkpoint at a deflate block
+boundary every ``spacing`` uncompressed bytes (both inflate without the GIL). That is still two
+inflates, but side by side on two cores: indexed_gzip reading the tar itself (the one-thread
+mode, without ``index_stream``) also inflates every byte twice, its index expansion and then the
+read, in one thread. The candidates are then thinned by :mod:`.spans`' rule, and only the chosen
+ones' 32 KiB windows are read back (indexed_gzip's export goes to a temporary file, not memory).
+A mount feeds the pass with the blob as it arrives (:func:`inflate_stream`), so fetching and
+inflating overlap; ``copy --soci`` reads the committed file. The span digests need the chosen
+checkpoints, so they are a second *read* of the committed blob (page-cached, two spans at a time),
+never a third inflate.
 
 indexed_gzip against rapidgzip (parallel inflate) for this pass is measured in ``bench/RESULTS.md``
 (Issue 11): at the candidate spacing the span rule needs, indexed_gzip is the faster here.
@@ -21,6 +26,7 @@ layer was inflated once and benchmarks can say so.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import io
@@ -36,6 +42,7 @@ import indexed_gzip
 from ..errors import InvalidLayer
 from . import diffids, spans, tarindex, zinfo, ztoc
 from .entries import GZIP, Entry, LayerIndex
+from .streams import Counting
 from .zinfo import WINDOW, Checkpoint, gzip_isize
 from .zran import header_length
 
@@ -45,8 +52,8 @@ MAX_CANDIDATES = 4096
 
 @dataclass(frozen=True)
 class PassStatistics:
-    passes: int = 0  # whole-layer inflates
-    inflated: int = 0  # tar bytes they produced: a layer inflated once adds its tar's size
+    passes: int = 0  # whole-layer passes (one read of the blob; the tar and the checkpoints side by side)
+    inflated: int = 0  # tar bytes they produced: a layer passed once adds its tar's size
 
 
 _stats = PassStatistics()
@@ -62,36 +69,6 @@ def _count(inflated: int) -> None:
     global _stats
     with _stats_lock:
         _stats = PassStatistics(_stats.passes + 1, _stats.inflated + inflated)
-
-
-class _Counting(io.RawIOBase):
-    """The blob as indexed_gzip reads it, counting bytes read (the progress log)."""
-
-    def __init__(self, f) -> None:
-        super().__init__()
-        self.f, self.consumed = f, 0
-        self.error: BaseException | None = None  # what a read raised: indexed_gzip says only ZRAN_READ_FAIL
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        try:
-            n = self.f.readinto(buf)
-        except BaseException as exc:
-            self.error = exc
-            raise
-        self.consumed += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self.f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
 
 
 @dataclass
@@ -144,27 +121,134 @@ def spacing_for(estimate: int, dense: int = spans.DENSE) -> int:
 
 
 def inflate(path: str, label: str, *, dense: int = spans.DENSE, on_member: Callable | None = None,
-            progress: bool = True) -> Pass:
+            progress: bool = True, split: bool = True) -> Pass:
     """One inflate of the committed gzip blob at ``path`` (blocking: run it in a thread).
 
-    ``on_member(info)`` sees every :class:`tarfile.TarInfo` (``copy --soci`` records zTOC rows)."""
-    with open(path, "rb", buffering=0) as f:
+    ``on_member(info)`` sees every :class:`tarfile.TarInfo` (``copy --soci`` records zTOC rows).
+    ``split``: the tar and the checkpoints in two threads (:func:`inflate_stream`)."""
+    with open(path, "rb", buffering=0) as f, open(path, "rb", buffering=0) as g:
         size = os.fstat(f.fileno()).st_size
         return inflate_stream(f, size, label, estimate=max(size, gzip_isize(path)), dense=dense,
-                              on_member=on_member, progress=progress)
+                              on_member=on_member, progress=progress, index_stream=g if split else None)
+
+
+class _Inflating(io.RawIOBase):
+    """The tar inside a gzip stream (members one after another, zero padding after the last, as
+    :mod:`gzip` reads them), through :mod:`zlib` (which releases the GIL as it inflates); each tar
+    byte is counted, and hashed once (the diff_id) in a thread of its own, a chunk behind: the
+    thread that inflates and scans the tar is the pass's longest, and hashlib releases the GIL."""
+
+    def __init__(self, raw) -> None:
+        super().__init__()
+        self.raw = raw
+        self.h = hashlib.sha256()
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagefs-diffid")
+        self._hashing: concurrent.futures.Future | None = None  # the chunk being hashed: one at a time, in order
+        self.produced = 0
+        self._d = zlib.decompressobj(31)
+        self._pending = b""  # compressed bytes read, not yet given to the decompressor
+        self._eof = False
+        self.truncated = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while True:
+            if self._d.unconsumed_tail:
+                data = self._d.unconsumed_tail
+            elif self._pending:
+                data, self._pending = self._pending, b""
+            elif self._eof:
+                return 0
+            else:
+                data = self.raw.read(READ)
+                if not data:  # a stream cut inside a member ends here too: the tar scan says
+                    self._eof, self.truncated = True, not self._d.eof  # where, and there is no diff_id
+                    return 0
+            if self._d.eof:  # between members: zero padding, then another member or the end
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                while len(data) < 2:  # a member's magic cut by a read: the rest of it
+                    more = self.raw.read(READ)
+                    if not more:
+                        break
+                    data += more
+                if not data.startswith(b"\x1f\x8b"):  # trailing bytes that are no member: ignored,
+                    self._eof = True  # as gzip -dc and indexed_gzip do
+                    return 0
+                self._d = zlib.decompressobj(31)
+            out = self._d.decompress(data, len(buf))
+            if self._d.eof and self._d.unused_data:
+                self._pending = self._d.unused_data
+            if out:
+                n = len(out)
+                buf[:n] = out
+                self._hash(out)
+                self.produced += n
+                return n
+
+    def _hash(self, chunk: bytes) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+        self._hashing = self._hasher.submit(self.h.update, chunk)
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+        super().close()
+
+    def finish(self) -> str | None:
+        """``sha256:…`` of the whole tar stream, or None if its tail cannot be inflated."""
+        try:
+            while self.read(4 << 20):
+                pass
+        except diffids.INFLATE_ERRORS:
+            return None
+        if self._hashing is not None:
+            self._hashing.result()
+        return None if self.truncated else "sha256:" + self.h.hexdigest()
+
+
+READ = 1 << 20  # compressed bytes a read of the tar stream asks for
+
+
+class _Stopping(Counting):
+    """The checkpoint thread's view of the blob: its reads fail once the tar side has failed."""
+
+    stopped = False
+
+    def readinto(self, buf) -> int:
+        if self.stopped:
+            raise InvalidLayer("the tar scan failed")
+        return super().readinto(buf)
+
+
+def _checkpoints(gz, errors: list) -> None:
+    """The checkpoint thread: indexed_gzip expands its index over the whole stream — one ``seek``
+    past the end, which inflates without the GIL (only its reads take it) and makes no output."""
+    try:
+        gz.seek(1 << 62)
+    except BaseException as exc:  # noqa: BLE001 - the caller decides what it means
+        errors.append(exc)
 
 
 def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = spans.DENSE,
-                   on_member: Callable | None = None, progress: bool = True) -> Pass:
+                   on_member: Callable | None = None, progress: bool = True, index_stream=None) -> Pass:
     """One inflate of the ``size``-byte gzip blob read from ``f`` (a seekable binary stream at its
     start: the committed file, or the blob as it arrives). ``estimate``: the tar's size, roughly
-    (it spaces the candidates)."""
+    (it spaces the candidates).
+
+    With ``index_stream`` (a second stream of the same blob at its start), the work is split over
+    two threads: this one inflates through :mod:`zlib` for the tar scan and the diff_id, while
+    indexed_gzip records the candidate checkpoints from ``index_stream`` in another. Without it,
+    indexed_gzip does both (its reads re-inflate what its index expansion already inflated)."""
     head = f.read(65536)
     f.seek(0)
     first = header_length(head)
     if first < 0:
         raise InvalidLayer(f"{label} does not start with a gzip header")
-    raw = _Counting(f)
+    raw = Counting(f)
     ranges = spans.DataRanges()
 
     def member(info) -> None:
@@ -177,25 +261,53 @@ def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = span
     fd, name = tempfile.mkstemp(prefix="imagefs-gzidx-")
     os.close(fd)
     export = None
+    side = _Stopping(index_stream) if index_stream is not None else None
     try:
         try:
-            # 64 KiB reads, 4 MiB out per call: zran re-reads its input buffer from the last
-            # stop at each call (measured: 1 MiB / 1 MiB read the 419 MiB blob 4.6 times, 5.0 s;
-            # 64 KiB / 4 MiB 2.1 times, 2.4 s)
-            gz = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=max(every, 2 * WINDOW), window_size=WINDOW,
-                                              readbuf_size=64 << 10, buffer_size=4 << 20)
+            # Alone (no index_stream): 64 KiB reads, 4 MiB out per call — each read call first
+            # expands the index up to where it starts (an inflate), then inflates again from the
+            # point before it, so the blob is read about twice (measured: 1 MiB / 1 MiB read the
+            # 419 MiB blob 4.6 times, 5.0 s; 64 KiB / 4 MiB 2.1 times, 2.4 s). The checkpoint
+            # thread only expands, with 16 MiB reads: each read takes the GIL, which the tar thread
+            # holds most of the time and hands over only after the 5 ms switch interval (with 1 MiB
+            # reads the pass took 3.2 s on the bench layer, with 16 MiB 2.2 s).
+            gz = indexed_gzip.IndexedGzipFile(fileobj=side or raw, spacing=max(every, 2 * WINDOW), window_size=WINDOW,
+                                              readbuf_size=(16 << 20) if side else 64 << 10, buffer_size=4 << 20,
+                                              skip_crc_check=side is not None)  # zlib checks it on the tar side
         except (indexed_gzip.ZranError, OSError, ValueError) as exc:
             raise InvalidLayer(f"{label} is not gzip: {exc}") from exc
+        errors: list[BaseException] = []
+        thread = None
         try:
-            tar = diffids.Hashing(gz)
-            found, _, skipped = tarindex.scan(tar, label, (lambda: raw.consumed) if progress else None,
-                                              on_member=member)
-            uncompressed = tar.finish() or ""
-            tar_size = gz.tell()  # the whole stream, the padding after the end marker too
+            if side is not None:
+                thread = threading.Thread(target=_checkpoints, args=(gz, errors), name="imagefs-checkpoints", daemon=True)
+                thread.start()
+                tar = _Inflating(io.BufferedReader(raw, READ))
+                try:
+                    found, _, skipped = tarindex.scan(io.BufferedReader(tar, 4 << 20), label,
+                                                      (lambda: raw.consumed) if progress else None, on_member=member)
+                    uncompressed = tar.finish() or ""
+                except BaseException:
+                    side.stopped = True
+                    raise
+                finally:
+                    tar.close()
+                    thread.join()
+                tar_size = tar.produced
+                if errors and not (uncompressed == "" and isinstance(errors[0], indexed_gzip.ZranError)):
+                    raise errors[0]  # the stream inflated, yet indexed_gzip could not follow it
+            else:
+                tar = diffids.Hashing(gz)
+                found, _, skipped = tarindex.scan(tar, label, (lambda: raw.consumed) if progress else None,
+                                                  on_member=member)
+                uncompressed = tar.finish() or ""
+                tar_size = gz.tell()  # the whole stream, the padding after the end marker too
             gz.export_index(filename=name)  # by name: indexed_gzip refuses a file whose mode is not "w…"
         except (EOFError, indexed_gzip.ZranError, OSError, zlib.error) as exc:
-            if raw.error is not None:  # the blob could not be read (a digest mismatch, the registry)
-                raise raw.error from None
+            for r in (raw, side):
+                if r is not None and r.error is not None:  # the blob could not be read (a digest mismatch, the registry)
+                    if not (r is side and isinstance(r.error, InvalidLayer)):
+                        raise r.error from None
             raise InvalidLayer(f"{label}: not a gzip'd tar we can read: {exc}") from exc
         finally:
             gz.close()
@@ -222,20 +334,27 @@ def _read_points(export, size: int, tar_size: int) -> tuple[list[spans.Point], d
 
 
 def span_digests(path: str, ranges: list[tuple[int, int]]) -> list[str]:
-    """``sha256:<hex>`` of each byte range of the file (a read, not an inflate)."""
-    out = []
+    """``sha256:<hex>`` of each byte range of the file (a read, not an inflate), two ranges at a
+    time: hashlib releases the GIL, so on two cores the spans cost half the wall time."""
     with open(path, "rb", buffering=0) as f:
-        for start, end in ranges:
+        fd = f.fileno()
+
+        def digest(r: tuple[int, int]) -> str:
+            start, end = r
             h = hashlib.sha256()
             pos = start
             while pos < end:
-                chunk = os.pread(f.fileno(), min(end - pos, 4 << 20), pos)
+                chunk = os.pread(fd, min(end - pos, 4 << 20), pos)
                 if not chunk:
                     raise InvalidLayer(f"{path} ends before byte {end}")
                 h.update(chunk)
                 pos += len(chunk)
-            out.append("sha256:" + h.hexdigest())
-    return out
+            return "sha256:" + h.hexdigest()
+
+        if len(ranges) < 2:
+            return [digest(r) for r in ranges]
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="imagefs-spans") as pool:
+            return list(pool.map(digest, ranges))
 
 
 def toc_estimate(names: int, name_bytes: int) -> int:
@@ -260,7 +379,10 @@ def build_ztoc(path: str, dense: int, label: str, build_tool: str = "", *, spars
     def row(info) -> None:
         members.append(ztoc.member_of(info))
 
-    with inflate(path, label, dense=dense, on_member=row, progress=False) as p:
+    # One thread, as before the split pass, so a zTOC is what it was: indexed_gzip alone offers no
+    # candidate in the stream's last read (its index expands only up to where a read starts), and
+    # with them the span rule adds a checkpoint there (bench/soci: +32 KiB, (e) from 1.99 % to 2.00 %)
+    with inflate(path, label, dense=dense, on_member=row, progress=False, split=False) as p:
         points, used = _choose(p, len(members), sum(len(m.name) + len(m.linkname) for m in members), dense,
                                sparse, budget)
     z = ztoc.Ztoc(p.size, p.tar_size, tuple(members), (), tuple(points), used,

@@ -17,17 +17,23 @@ from ..descriptors import Descriptor
 
 
 class Counting(io.RawIOBase):
-    """The committed blob as a raw stream, counting bytes consumed for the progress log."""
+    """A blob as a raw stream, counting bytes consumed for the progress log, and keeping what a
+    read raised (a library reading through it may report only that it failed)."""
 
     def __init__(self, f) -> None:
         super().__init__()
         self.f, self.consumed = f, 0
+        self.error: BaseException | None = None  # what a read raised: indexed_gzip says only ZRAN_READ_FAIL
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf) -> int:
-        n = self.f.readinto(buf)
+        try:
+            n = self.f.readinto(buf)
+        except BaseException as exc:
+            self.error = exc
+            raise
         self.consumed += n
         return n
 
@@ -51,6 +57,7 @@ class Arriving(io.RawIOBase):
         super().__init__()
         self.reader, self.desc, self.pos = reader, desc, 0
         self.handle = reader.open(desc, 0)  # one handle: the reader sees a sequential stream and fetches ahead
+        self.token = trio.lowlevel.current_trio_token()  # read from any thread, not only trio's workers
 
     def readable(self) -> bool:
         return True
@@ -70,7 +77,7 @@ class Arriving(io.RawIOBase):
         n = min(len(buf), self.desc.size - self.pos)
         if n <= 0:
             return 0
-        data = trio.from_thread.run(self.reader.read, self.desc, self.pos, n, self.handle)
+        data = trio.from_thread.run(self.reader.read, self.desc, self.pos, n, self.handle, trio_token=self.token)
         buf[:len(data)] = data
         self.pos += len(data)
         return len(data)
