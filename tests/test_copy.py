@@ -20,6 +20,7 @@ import pytest
 from imagefs.testing import images as im
 from imagefs.testing.push import push
 from tests.support import Proxy, Registry, free_port
+from tests.support.cachefiles import flip_byte
 from tests.support.tokenserver import Rule, TokenServer
 
 IMAGEFS = [sys.executable, "-m", "imagefs"]
@@ -192,13 +193,18 @@ def test_a_cut_upload_resumes_and_ends_with_the_right_digest(registry, proxy, de
     assert landed(dest_proxy) - big.size in (0, img.config.size), "resumed where it stopped, not from the start"
 
 
+def pushed_and_pulled(registry, proxy, repo: str, img, cache_dir) -> None:
+    """``img`` pushed as ``repo:v1`` and pulled into the cache: a copy then reads its blobs from there."""
+    push(registry.host, repo, img, "v1")
+    subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/{repo}:v1", "--cache-dir", str(cache_dir)], check=True,
+                   capture_output=True)
+
+
 def test_from_the_cache_a_cut_sendfile_upload_resumes(registry, proxy, dest, dest_proxy, cache_dir):
     """A committed blob goes by ``sendfile`` on the socket route; cut, it resumes at the registry's offset."""
     big = im.random_layer(40 << 20, seed=58, compression="none")
     img = im.image([big])
-    push(registry.host, "test/cachedbig", img, "v1")
-    subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/cachedbig:v1", "--cache-dir", str(cache_dir)], check=True,
-                   capture_output=True)
+    pushed_and_pulled(registry, proxy, "test/cachedbig", img, cache_dir)
     done = copy_with_one_cut(dest_proxy, f"{proxy.host}/test/cachedbig:v1", f"{dest_proxy.host}/resumed/cachedbig:v1",
                              cache_dir=cache_dir)
     assert "read 0 B from the source" in done.stdout
@@ -212,16 +218,9 @@ def test_from_the_cache_a_cut_sendfile_upload_resumes(registry, proxy, dest, des
 def test_a_cache_file_corrupted_on_disk_is_never_uploaded_under_its_digest(registry, proxy, dest, dest_proxy, cache_dir):
     layer = im.random_layer(3 << 20, seed=59, compression="none")
     img = im.image([layer])
-    push(registry.host, "test/rotten", img, "v1")
-    subprocess.run([*IMAGEFS, "pull", f"{proxy.host}/test/rotten:v1", "--cache-dir", str(cache_dir)], check=True,
-                   capture_output=True)
+    pushed_and_pulled(registry, proxy, "test/rotten", img, cache_dir)
     path = cache_dir / "blobs" / "sha256" / layer.digest[7:]
-    path.chmod(0o644)
-    with open(path, "r+b") as f:
-        f.seek(layer.size // 2)
-        byte = f.read(1)
-        f.seek(layer.size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(path, layer.size // 2)
     line = one_error_line(copy(f"{proxy.host}/test/rotten:v1", f"{dest_proxy.host}/rotten/app:v1", cache_dir=cache_dir))
     assert layer.digest in line and "digest" in line
     assert manifest(dest.host, "rotten/app", "v1").status_code == 404, "no tag on a partial image"

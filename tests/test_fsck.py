@@ -16,6 +16,7 @@ from imagefs.fsck import check, report
 from imagefs.gc import collect
 from imagefs.handlers import GC_REF, GC_ROOT, MEDIATYPE_LABEL
 from imagefs.units import human
+from tests.support.cachefiles import flip_byte
 from tests.support.mounting import Mount, imagefs
 
 AMD64 = ("--platform", "linux/amd64")
@@ -41,12 +42,7 @@ def test_blob_corrupted_on_disk_is_found_removed_and_fetched_again(proxy, images
     assert fsck(cache_dir) == (0, f"fsck: checked 5 blobs ({size}), 0 ingests, 1 tags: clean\n")
 
     p = blob_path(cache_dir, layer.digest)
-    p.chmod(0o644)
-    with open(p, "r+b") as f:
-        f.seek(layer.size // 2)
-        byte = f.read(1)
-        f.seek(layer.size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(p, layer.size // 2)
     code, out = fsck(cache_dir)
     assert code == 1
     assert f"fsck: blob {layer.digest}: content has digest sha256:" in out

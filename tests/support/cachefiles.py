@@ -17,3 +17,14 @@ def backdate(cache_dir: Path, seconds: float = 3600.0) -> None:
             os.utime(p, (then, then), follow_symlinks=False)
         except FileNotFoundError:
             pass
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt a committed (read-only) cache file in place, as a failing disk would: one byte inverted."""
+    path = Path(path)
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
