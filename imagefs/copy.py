@@ -37,7 +37,7 @@ from .content.local import LocalStore
 from .copysource import BlobSource, CommittedBlob
 from .descriptors import (CONFIG_TYPES, LAYER_TYPES, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST, SHA256_RE, Descriptor,
                           Platform, children, has_children, is_index)
-from .errors import DigestMismatch, ImagefsError, PlatformNotFound
+from .errors import ConfigError, DigestMismatch, PlatformNotFound, StorageError
 from .handlers import GC_REF, Fetcher, dispatch, fetch
 from .image import Image, resolve_root
 from .ocilayout import OciLayout, parse_destination
@@ -178,7 +178,7 @@ async def copy(store: LocalStore, client, src_text: str, dest: Destination, *, d
             raise PlatformNotFound(f"{src_text} has no image for platform {platform}")
         top = image.selected[0]
     if dest_object is not None and SHA256_RE.match(dest_object) and dest_object != top.digest:
-        raise ImagefsError(f"DEST names {dest_object}, but {src_text} is {top.digest}")
+        raise ConfigError(f"DEST names {dest_object}, but {src_text} is {top.digest}")
     plan = await make_plan(image, store, client, top)
     outcomes: dict[str, list[Descriptor]] = {"uploaded": [], "mounted": [], "skipped": []}
     sources: list[BlobSource] = []
@@ -280,7 +280,7 @@ def run(args) -> int:
         from .sociconvert import SPAN_SIZE, MIN_LAYER_SIZE, SociOptions
 
         if dest_object is not None and SHA256_RE.match(dest_object):
-            raise ImagefsError(f"--soci writes a new image, whose digest is not known yet: DEST {args.dest} must name a tag")
+            raise ConfigError(f"--soci writes a new image, whose digest is not known yet: DEST {args.dest} must name a tag")
         soci = SociOptions(args.soci_span_size or SPAN_SIZE, args.soci_min_layer_size
                            if args.soci_min_layer_size is not None else MIN_LAYER_SIZE)
     mount_from = src.repository if dest_ref is not None and dest_ref.registry == src.registry \
@@ -296,7 +296,7 @@ def run(args) -> int:
     try:
         result = run_verb(main)
     except OSError as exc:
-        raise ImagefsError(f"copy {args.src}: {one_line(exc)}") from exc
+        raise StorageError(f"copy {args.src}: {one_line(exc)}") from exc
     finally:
         progress.close()
     print(summary(result))

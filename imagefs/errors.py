@@ -23,6 +23,7 @@
     ├── LayoutError           an oci: directory we will not write into (not an OCI index, not sha256)
     ├── MountError            a mount point we cannot mount on or unmount
     │   └── FuseUnavailable   /dev/fuse cannot be opened: the message says what to do
+    ├── EmptyIndex            copy --soci: no layer is a gzip layer big enough for a zTOC
     ├── SeveralErrors         a concurrent walk failed more than once: the first, and how many more
     └── RunError              `imagefs run` cannot start the program (no command, foreign platform, no bwrap)
 
@@ -134,6 +135,10 @@ class MountError(ImagefsError):
 
 class FuseUnavailable(MountError):
     """``/dev/fuse`` cannot be opened (no module, no permission, no device in a container)."""
+
+
+class EmptyIndex(ImagefsError):
+    """``copy --soci``: no layer of the image is a gzip layer big enough to be worth a zTOC."""
 
 
 class SeveralErrors(ImagefsError):

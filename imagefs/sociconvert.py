@@ -32,7 +32,7 @@ from .descriptors import (CONFIG_TYPES, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_
                           OCI_LAYER_NONDIST_GZIP, OCI_MANIFEST, SOCI_BUILD_TOOL, SOCI_INDEX_DIGEST, SOCI_INDEX_V2,
                           SOCI_LAYER_DIGEST, SOCI_LAYER_MEDIA_TYPE, SOCI_MANIFEST_DIGEST, SOCI_SPAN_SIZE, SOCI_ZTOC,
                           Descriptor, Platform, is_index, is_manifest, is_soci_index)
-from .errors import ImagefsError
+from .errors import EmptyIndex, NotFound, RegistryError
 from .handlers import Fetcher, dispatch, fetch
 from .layers import gzpass, spans, ztoc
 from .units import human
@@ -46,10 +46,6 @@ EMPTY_CONFIG = b"{}"
 #: measurement, soci's default is 4 MiB for every span); layers under 10 MiB get no zTOC (soci's).
 SPAN_SIZE = spans.DENSE
 MIN_LAYER_SIZE = 10 << 20
-
-
-class EmptyIndex(ImagefsError):
-    """No layer of the image is a gzip layer big enough to be worth a zTOC."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ class Converter:
         digest = await self.dest.put_manifest(dest_object or _descriptor(OCI_INDEX, data)["digest"], data, OCI_INDEX)
         want = _descriptor(OCI_INDEX, data)["digest"]
         if digest and digest != want:
-            raise ImagefsError(f"the destination stored the SOCI-enabled index as {digest}, not {want}")
+            raise RegistryError(f"the destination stored the SOCI-enabled index as {digest}, not {want}")
         return Descriptor(OCI_INDEX, want, len(data))
 
     async def _platform(self, manifest: Descriptor) -> Platform:
@@ -159,7 +155,7 @@ class Converter:
         await fetch(self.store, self.fetcher, layer)  # committed: whole and verified
         path = self.store.path(layer.digest)
         if path is None:
-            raise ImagefsError(f"{layer.ref_key} is not in the cache after fetching it")
+            raise NotFound(f"{layer.ref_key} is not in the cache after fetching it")
         async with self._limit:
             z = await trio.to_thread.run_sync(gzpass.build_ztoc, str(path), self.opts.span_size, layer.ref_key)
             data = await trio.to_thread.run_sync(ztoc.encode, z)
