@@ -22,9 +22,6 @@ import tarfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import flatbuffers
-from flatbuffers import number_types as N
-
 from .. import __version__
 from ..errors import InvalidLayer, InvalidZtoc
 from . import tarindex, zinfo
@@ -128,6 +125,22 @@ class _Table:
 
 
 _U16, _I32, _U32 = struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
+
+
+class _Scalar:
+    """A flatbuffer scalar type, as the runtime's ``number_types`` describes one: the runtime
+    itself is imported only to encode (it pulls numpy in, ~90 ms and BLAS threads in every mount)."""
+
+    __slots__ = ("packer_type", "bytewidth")
+
+    def __init__(self, fmt: str) -> None:
+        self.packer_type = struct.Struct("<" + fmt)
+        self.bytewidth = self.packer_type.size
+
+
+class N:  # noqa: N801 - the runtime's names, so the reads below say what they read
+    Int8Flags, Int32Flags, Int64Flags, Uint32Flags = _Scalar("b"), _Scalar("i"), _Scalar("q"), _Scalar("I")
+    SOffsetTFlags, UOffsetTFlags, VOffsetTFlags = _Scalar("i"), _Scalar("I"), _Scalar("H")
 
 
 class _View:
@@ -322,6 +335,8 @@ def member_of(info: tarfile.TarInfo) -> Member:
 
 def encode(z: Ztoc) -> bytes:
     """The zTOC in soci-snapshotter's schema, built in the order its marshaler builds it."""
+    import flatbuffers
+
     b = flatbuffers.Builder(1 << 16)
 
     def text(value: str) -> int:
