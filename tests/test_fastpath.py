@@ -24,7 +24,7 @@ from imagefs.testing import images as im
 from imagefs.testing.push import push
 from imagefs.reference import parse
 from imagefs.registry.client import RegistryClient
-from imagefs.registry.tuning import DIRECT_BODIES
+from imagefs.registry.tuning import DIRECT_BODIES, DIRECT_CHUNK
 from tests.support import Proxy
 from tests.support.mounting import Mount
 from tests.support.tls import CA, TLSFront, TLSRegistry
@@ -69,6 +69,31 @@ async def test_open_direct_bodies_are_bounded(proxy, images):
             for i, stream in enumerate(streams):
                 assert b"".join([bytes(c) async for c in stream]) == data[i * MiB : (i + 1) * MiB]
         assert client._direct.bodies == 0
+
+
+async def test_chunk_buffers_are_reused_only_once_nobody_holds_them(proxy):
+    """Full-size chunk buffers are pooled (a fresh one costs a page fault per 4 KiB): one a caller
+    still holds is never handed out again, and one it dropped is."""
+    layer = im.random_layer(40 * MiB, seed=11, path="opt/big.bin")
+    push(proxy.host, "test/pool", im.image([layer]), "v1")
+    desc, data = Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size), layer.data
+    async with RegistryClient(parse(f"{proxy.host}/test/pool:v1")) as client:
+        await read(client, desc, 0, 1000)
+        async with client.open(desc, MiB) as chunks:
+            held = [chunk async for chunk in chunks]
+        full = [c for c in held if len(c) == DIRECT_CHUNK]
+        assert len(full) >= 8 and len({id(c) for c in full}) == len(full)
+        assert b"".join(held) == data[MiB:]
+        del held, full
+        digest, pooled, seen = hashlib.sha256(), 0, 0
+        async with client.open(desc, MiB) as chunks:
+            async for chunk in chunks:  # each chunk dropped once consumed: the same buffers come back
+                digest.update(chunk)
+                seen += len(chunk) == DIRECT_CHUNK
+                pooled = max(pooled, len(client._direct._buffers))
+        assert digest.digest() == hashlib.sha256(data[MiB:]).digest()
+        assert seen >= 8 and pooled <= 3
+        assert client._direct._buffers == [], "released once no body is open"
 
 
 async def test_a_cut_direct_body_resumes_from_the_byte_where_it_stopped(proxy, images):

@@ -7,6 +7,7 @@ exists, so ``imagefs mount … && ls MOUNTPOINT`` works; SIGINT/SIGTERM end it c
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -95,6 +96,9 @@ async def serve(opts: MountOptions, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 try:
                     nursery.start_soon(_signals, nursery)
                     log.info("mounted %s at %s", ref, opts.mountpoint)
+                    # What start-up built (modules, the image, the tree) lives as long as the mount:
+                    # left out of every later collection, which then walks only what serving makes.
+                    gc.freeze()
                     task_status.started()
                     nursery.start_soon(trio.to_thread.run_sync, kernel.tune, opts.mountpoint)
                     if opts.prefetch:

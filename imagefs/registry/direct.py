@@ -26,6 +26,7 @@ import inspect
 import socket
 import ssl
 import struct
+import sys
 import threading
 import urllib.request
 from collections import defaultdict
@@ -36,9 +37,10 @@ import httpx
 import trio
 from outcome import Outcome
 
-from .tuning import DIRECT_BODIES, DIRECT_CHUNK, DIRECT_IDLE
+from .tuning import DIRECT_BODIES, DIRECT_CHUNK, DIRECT_IDLE, FIRST_CHUNK
 
 MAX_HEAD = 64 * 1024
+POOL = 2 * DIRECT_BODIES + 8  # chunk buffers kept for reuse: two per body, plus what the ingest holds a while
 # Hop-by-hop or per-request headers a recipe does not replay.
 _DROP = frozenset({b"host", b"range", b"connection", b"content-length", b"transfer-encoding", b"keep-alive", b"te"})
 # A cancelled task must not wait for a stalled socket: trio >= 0.23 spells it abandon_on_cancel.
@@ -105,6 +107,27 @@ class DirectClient:
         self._idle: dict[str, list[_Conn]] = defaultdict(list)
         self.requests = 0  # sent on this path, for tests and statistics
         self.bodies = 0  # open now: each holds up to two chunks, so their number bounds memory
+        self._buffers: list[bytearray] = []  # full-size chunk buffers, reused once no one holds them
+        self._pool_lock = threading.Lock()
+
+    def release_buffers(self) -> None:
+        with self._pool_lock:
+            self._buffers.clear()
+
+    def buffer(self, n: int) -> bytearray:
+        """A chunk buffer of ``n`` bytes (worker thread). Full-size ones are reused once only this
+        list holds them (readers drop a chunk when its bytes are written and served): a fresh
+        4 MiB buffer costs a page fault per 4 KiB, the recv itself a tenth of that."""
+        if n != DIRECT_CHUNK:
+            return bytearray(n)
+        with self._pool_lock:
+            for buf in self._buffers:
+                if sys.getrefcount(buf) == 3:  # the list, this loop, the call's argument
+                    return buf
+            buf = bytearray(n)
+            if len(self._buffers) < POOL:
+                self._buffers.append(buf)
+            return buf
 
     def learn(self, source: str, request: httpx.Request, tls: ssl.SSLContext | bool, connect_timeout: float | None = None) -> None:
         """Remember how httpx's ``request`` for ``source`` was sent, if a plain socket can replay it."""
@@ -219,6 +242,7 @@ class Body:
         self.conn: _Conn | None = conn
         self.leftover = leftover
         self.remaining = length  # bytes not yet handed to the caller
+        self.chunk = FIRST_CHUNK  # doubles up to DIRECT_CHUNK: a reader waits for whole chunks
         self.keep = keep
         self.error: OSError | None = None
         self._pending: tuple[trio.Event, list[Outcome]] | None = None
@@ -232,7 +256,7 @@ class Body:
         if self._pending is None:
             if self.error is not None or self.conn is None:
                 raise Lost(str(self.error or "body closed")) from self.error
-            self._start(min(DIRECT_CHUNK, self.remaining))
+            self._start(self._next_size())
         assert self._pending is not None
         done, box = self._pending
         try:
@@ -248,8 +272,12 @@ class Body:
         if self.remaining == 0:
             self.close()
         elif self.error is None:
-            self._start(min(DIRECT_CHUNK, self.remaining))
+            self._start(self._next_size())
         return chunk
+
+    def _next_size(self) -> int:
+        n, self.chunk = self.chunk, min(self.chunk * 2, DIRECT_CHUNK)
+        return min(n, self.remaining)
 
     def _start(self, n: int) -> None:
         """Have a worker thread receive the next ``n`` bytes; :meth:`read` collects them."""
@@ -270,7 +298,7 @@ class Body:
 
     def _read(self, conn: _Conn, n: int) -> bytearray:
         """Worker thread: fill a fresh buffer; on a failure return what arrived and keep the error."""
-        buf = bytearray(n)
+        buf = self.client.buffer(n)
         got = 0
         with memoryview(buf) as view:
             if self.leftover:
@@ -304,6 +332,8 @@ class Body:
         if conn is None:
             return
         self.client.bodies -= 1
+        if self.client.bodies == 0:
+            self.client.release_buffers()  # an idle mount keeps no chunk memory
         if self.remaining == 0 and self.keep and self.error is None and not self.leftover:
             self.client._release(conn)
             return

@@ -14,6 +14,9 @@ READ_BYTES = 1 << 20
 DIRECT_MIN = 1 << 20
 #: One worker-thread read of a direct body, and one write into the ingest.
 DIRECT_CHUNK = 4 << 20
+#: A body's first chunk; each next one twice the last, up to DIRECT_CHUNK. A reader waits for the
+#: whole chunk its bytes are in, so a stream's first bytes come sooner in small ones.
+FIRST_CHUNK = 256 << 10
 #: Idle direct connections kept per origin.
 DIRECT_IDLE = 4
 #: Direct bodies open at once (each holds up to two chunks: 64 MiB in all); more streams use httpx.
