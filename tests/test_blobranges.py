@@ -133,6 +133,35 @@ async def test_bytes_landed_ahead_are_hashed_from_memory_not_read_back(tmp_path)
     assert store.statistics().bytes_read_back == 0
 
 
+async def test_a_blob_larger_than_the_hold_is_hashed_once_from_memory(tmp_path):
+    """Writes wait for the hasher rather than pass the hold: a blob written by two streams at
+    once (a sequential reader's current request and its next), each chunk the same way wherever
+    it lands, is hashed from memory with nothing read back, and the hold never grows past HOLD."""
+    from imagefs.content.ingest import HOLD
+
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(2 * HOLD + (5 << 20))
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    chunk, half = 1 << 20, len(data) // 2 // (1 << 20) * (1 << 20)
+    peak = 0
+    with store.writer("layer-d", len(data), digest) as w:
+
+        async def stream(start: int, end: int) -> None:
+            nonlocal peak
+            for off in range(start, end, chunk):
+                await w.write_at(off, data[off : min(end, off + chunk)])
+                peak = max(peak, w._held_bytes)
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, 0, half)
+            nursery.start_soon(stream, half, len(data))
+        await w.commit()
+    assert store.statistics().bytes_read_back == 0
+    assert peak <= HOLD
+    assert store.path(digest) is not None
+
+
 async def test_a_resumed_ingest_is_read_back_to_be_hashed(tmp_path):
     store = LocalStore(tmp_path / "cache")
     data = random.randbytes(1 << 20)

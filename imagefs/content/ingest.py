@@ -5,16 +5,19 @@
     CACHE/ingest/<ref key>/data    the blob, written sparse at any offset
     CACHE/ingest/<ref key>/state   ref, digest, size, and which ranges are present: a later process resumes
 
-Every byte is hashed once, in the worker thread that writes it or the one that next extends the
-hashed prefix: bytes that land in order are hashed in the trip that writes them; bytes that land
-ahead of the prefix (the next Range request of a sequential reader) are held in memory, up to
-:data:`HOLD` bytes, and hashed from there once the prefix reaches them. Only what did not fit (or
-a resumed ingest) is read back from the file. The commit checks size and digest before the blob
-becomes permanent.
+Every byte is hashed once, from memory, by one hasher working in order in a worker thread of its
+own: each chunk is written the same way wherever it lands (in order, or ahead with the next Range
+request of a sequential reader) and held in memory, up to :data:`HOLD` bytes, until the hashed
+prefix reaches it. A write that would pass the hold waits for the hasher instead; only what could
+not be held (ahead of a gap the hasher cannot cross) or a resumed ingest is read back from the file.
+Why one hasher: a request whose writes also hashed ran at a third of the speed of the one behind
+it, which then raced ahead, overflowed the hold and was read back. The commit checks size and
+digest before the blob becomes permanent.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -81,7 +84,8 @@ class LocalWriter:
             raise StorageError(f"{ref}: cannot make an ingest of {size} bytes in {store.ingests}: {exc.strerror}") from exc
         self.hashed = 0
         self._hash = hashlib.sha256()
-        self._hash_lock = trio.Lock()
+        self._hashing = False  # a hash job is running (one at a time: they share the hash object)
+        self._hash_done = trio.Event()  # set, and renewed, as each hash job ends
         self._held: dict[int, bytes] = {}  # offset -> bytes landed ahead of the hashed prefix
         self._held_bytes = 0
         self._recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT)
@@ -134,39 +138,62 @@ class LocalWriter:
         await self.write_at(self.offset, data)
 
     async def write_at(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset``; the disk write runs off the trio thread."""
+        """Write ``data`` at ``offset`` (the disk write off the trio thread) and hold it for the hasher."""
         if self.closed:
             raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         if offset + len(data) > self.size:
             raise DigestMismatch(f"{self.ref}: registry sent more than the {self.size} bytes the descriptor says")
+        while self._hashing and offset >= self.hashed and self._held_bytes + len(data) > HOLD:
+            await self._hash_done.wait()  # the hasher frees the hold as it goes: wait rather than read back
         self._ops += 1
         try:
-            if offset == self.hashed and not self._hash_lock.locked():
-                # in order: hash it in the same trip to the worker thread, and whatever landed
-                # ahead and is held, now contiguous with it — no read-back later
-                async with self._hash_lock:
-                    after = self._take_held(offset + len(data))
-                    self.hashed = await trio.to_thread.run_sync(_pwrite_and_hash, self.fd, data, offset, self._hash, after)
-            else:
-                await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
-                if offset >= self.hashed and self._held_bytes + len(data) <= HOLD:
-                    self._held[offset] = data
-                    self._held_bytes += len(data)
+            await trio.to_thread.run_sync(_pwrite_all, self.fd, data, offset)
         finally:
             self._ops -= 1
             if self.closed:
                 self._close_fd()
         if self.closed:
             raise self.error or WriterClosed(f"{self.ref}: writer is closed")
+        if offset >= self.hashed and self._held_bytes + len(data) <= HOLD:
+            self._held[offset] = data
+            self._held_bytes += len(data)
         self.present.add(offset, offset + len(data))
         self._recent.append((offset, data))
         self.notify()
-        if self.hashed in self._held and not self._hash_lock.locked():
-            # what landed at the hashed prefix while it was being extended: hash it now, from memory
-            async with self._hash_lock:
-                chain = self._take_held(self.hashed)
-                if chain:
-                    self.hashed = await trio.to_thread.run_sync(_hash_all, self._hash, self.hashed, chain)
+        self._hash_held()
+
+    def _hash_held(self) -> None:
+        """Hash the held chunks that continue the hashed prefix in a worker thread, unless a hash
+        job is running (its end calls this again)."""
+        if self._hashing or self.closed or self.hashed not in self._held:
+            return
+        chain = self._take_held(self.hashed)
+        self._hashing = True
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(outcome) -> None:  # in the worker thread
+            try:
+                token.run_sync_soon(self._hashed, outcome)
+            except trio.RunFinishedError:
+                pass
+
+        trio.lowlevel.start_thread_soon(functools.partial(_hash_all, self._hash, self.hashed, chain), deliver)
+
+    def _hashed(self, outcome) -> None:
+        try:
+            hashed = outcome.unwrap()
+        except Exception as exc:  # not seen; the chain is no longer held, so the commit reads it back
+            log.error("%s: hashing from memory failed: %r", self.ref, exc)
+            self._end_hash_job(self.hashed)
+            return
+        self._end_hash_job(hashed)
+        self._hash_held()
+
+    def _end_hash_job(self, hashed: int) -> None:
+        self.hashed = hashed
+        self._hashing = False
+        self._hash_done.set()
+        self._hash_done = trio.Event()
 
     def save(self) -> None:
         """Record which ranges are present, so a crash or unmount loses no fetched byte.
@@ -200,21 +227,29 @@ class LocalWriter:
             pos += len(data)
 
     async def hash_prefix(self) -> None:
-        """Hash the present prefix not hashed yet: held chunks from memory, the rest read back,
-        in a worker thread."""
-        async with self._hash_lock:
+        """Hash the whole present prefix: held chunks by the hasher, the rest read back from the
+        ingest in a worker thread."""
+        while not self.closed:
+            if self._hashing:
+                await self._hash_done.wait()
+                continue
             target = self.present.prefix()
-            while target > self.hashed and not self.closed:
-                held = self._take_held(self.hashed)
-                if held:
-                    self.hashed = await trio.to_thread.run_sync(_hash_all, self._hash, self.hashed, held)
-                    continue
-                ahead = [k for k in self._held if k > self.hashed]
-                upto = min([target, *ahead])
-                self.store.count("bytes_read_back", upto - self.hashed)
-                self.hashed = await trio.to_thread.run_sync(_hash_file, self.data_path, self._hash, self.hashed, upto)
-            for k in [k for k in self._held if k < self.hashed]:  # hashed meanwhile by a read-back
-                self._held_bytes -= len(self._held.pop(k))
+            if self.hashed >= target:
+                break
+            if self.hashed in self._held:
+                self._hash_held()
+                continue
+            ahead = [k for k in self._held if k > self.hashed]
+            upto = min([target, *ahead])
+            self.store.count("bytes_read_back", upto - self.hashed)
+            self._hashing = True
+            hashed = self.hashed
+            try:
+                hashed = await trio.to_thread.run_sync(_hash_file, self.data_path, self._hash, self.hashed, upto)
+            finally:
+                self._end_hash_job(hashed)
+        for k in [k for k in self._held if k < self.hashed]:  # hashed meanwhile by a read-back
+            self._held_bytes -= len(self._held.pop(k))
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -306,13 +341,6 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _pwrite_and_hash(fd: int, data: bytes, offset: int, hasher, after: list[bytes]) -> int:
-    """Write ``data`` at ``offset`` and hash it, then the held chunks ``after`` it; the new end of
-    the hashed prefix."""
-    _pwrite_all(fd, data, offset)
-    return _hash_all(hasher, offset, [data, *after])
 
 
 def _hash_all(hasher, pos: int, chunks: list[bytes]) -> int:
