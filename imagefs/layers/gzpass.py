@@ -13,9 +13,9 @@ mode, without ``index_stream``) also inflates every byte twice, its index expans
 read, in one thread. The candidates are then thinned by :mod:`.spans`' rule, and only the chosen
 ones' 32 KiB windows are read back (indexed_gzip's export goes to a temporary file, not memory).
 A mount feeds the pass with the blob as it arrives (:func:`inflate_stream`), so fetching and
-inflating overlap; ``copy --soci`` reads the committed file. The span digests need the chosen
-checkpoints, so they are a second *read* of the committed blob (page-cached, two spans at a time),
-never a third inflate.
+inflating overlap; ``copy --soci`` reads the committed file. What the pass found becomes an index
+or a zTOC in :mod:`.gzindex` (the chosen checkpoints, then the span digests: a second *read* of the
+committed blob, never a third inflate).
 
 indexed_gzip against rapidgzip (parallel inflate) for this pass is measured in ``bench/RESULTS.md``
 (Issue 11): at the candidate spacing the span rule needs, indexed_gzip is the faster here.
@@ -27,7 +27,6 @@ layer was inflated once and benchmarks can say so.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
 import io
 import os
@@ -40,8 +39,8 @@ from typing import Callable
 import indexed_gzip
 
 from ..errors import InvalidLayer
-from . import diffids, spans, tarindex, zinfo, ztoc
-from .entries import GZIP, Entry, LayerIndex
+from . import diffids, spans, tarindex, zinfo
+from .entries import Entry
 from .streams import Counting
 from .zinfo import WINDOW, Checkpoint, gzip_isize
 from .zran import header_length
@@ -331,78 +330,3 @@ def _read_points(export, size: int, tar_size: int) -> tuple[list[spans.Point], d
             points.append(spans.Point(cmp, uncmp, bits))
             at[(cmp, uncmp)] = pos
     return points, at
-
-
-def span_digests(path: str, ranges: list[tuple[int, int]]) -> list[str]:
-    """``sha256:<hex>`` of each byte range of the file (a read, not an inflate), two ranges at a
-    time: hashlib releases the GIL, so on two cores the spans cost half the wall time."""
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-
-        def digest(r: tuple[int, int]) -> str:
-            start, end = r
-            h = hashlib.sha256()
-            pos = start
-            while pos < end:
-                chunk = os.pread(fd, min(end - pos, 4 << 20), pos)
-                if not chunk:
-                    raise InvalidLayer(f"{path} ends before byte {end}")
-                h.update(chunk)
-                pos += len(chunk)
-            return "sha256:" + h.hexdigest()
-
-        if len(ranges) < 2:
-            return [digest(r) for r in ranges]
-        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="imagefs-spans") as pool:
-            return list(pool.map(digest, ranges))
-
-
-def toc_estimate(names: int, name_bytes: int) -> int:
-    """What a zTOC's rows cost, roughly (a flatbuffer table of 14 fields, type and mtime strings,
-    the name): measured 150-190 bytes a member plus the name's length."""
-    return names * 180 + name_bytes
-
-
-def _choose(p: Pass, names: int, name_bytes: int, dense: int, sparse: int,
-            budget: float | None) -> tuple[list[Checkpoint], int]:
-    chosen, used = spans.fit(p.candidates, p.first, p.ranges, p.size, toc_estimate(names, name_bytes), dense,
-                             sparse, budget)
-    return p.checkpoints(chosen), used
-
-
-def build_ztoc(path: str, dense: int, label: str, build_tool: str = "", *, sparse: int = spans.SPARSE,
-               budget: float | None = spans.BUDGET) -> ztoc.Ztoc:
-    """The zTOC of the committed gzip'd tar at ``path``, in one inflate (``copy --soci``).
-    ``sparse``/``budget``: :func:`.spans.fit` (``sparse=dense, budget=None``: spans of one size)."""
-    members: list = []
-
-    def row(info) -> None:
-        members.append(ztoc.member_of(info))
-
-    # One thread, as before the split pass, so a zTOC is what it was: indexed_gzip alone offers no
-    # candidate in the stream's last read (its index expands only up to where a read starts), and
-    # with them the span rule adds a checkpoint there (bench/soci: +32 KiB, (e) from 1.99 % to 2.00 %)
-    with inflate(path, label, dense=dense, on_member=row, progress=False, split=False) as p:
-        points, used = _choose(p, len(members), sum(len(m.name) + len(m.linkname) for m in members), dense,
-                               sparse, budget)
-    z = ztoc.Ztoc(p.size, p.tar_size, tuple(members), (), tuple(points), used,
-                  build_tool=build_tool or ztoc.BUILD_TOOL)
-    digests = span_digests(path, [ztoc.span_range(z, i) for i in range(len(points))])
-    return dataclasses.replace(z, span_digests=tuple(digests))
-
-
-def build_index(path: str, digest: str, label: str) -> LayerIndex:
-    """A committed gzip layer's local index, in one inflate, its checkpoints placed as a zTOC's would be."""
-    return index_of(inflate(path, label), path, digest)
-
-
-def index_of(p: Pass, path: str, digest: str) -> LayerIndex:
-    """The local index from a pass (closed here) and the committed blob at ``path`` (its span digests)."""
-    with p:
-        points, used = _choose(p, len(p.entries), sum(len(e.path) + len(e.target) for e in p.entries), spans.DENSE,
-                               spans.SPARSE, spans.BUDGET)
-    z = ztoc.Ztoc(p.size, p.tar_size, (), (), tuple(points), used)
-    digests = span_digests(path, [ztoc.span_range(z, i) for i in range(len(points))])
-    z = dataclasses.replace(z, span_digests=tuple(digests))
-    return LayerIndex(digest, GZIP, p.entries, p.tar_size, ztoc.index_spans(z), zlib.compress(ztoc.to_gzidx(z), 1),
-                      p.skipped, p.uncompressed)
