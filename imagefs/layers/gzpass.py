@@ -26,6 +26,7 @@ layer was inflated once and benchmarks can say so.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import io
@@ -134,15 +135,17 @@ def inflate(path: str, label: str, *, dense: int = spans.DENSE, on_member: Calla
 class _Inflating(io.RawIOBase):
     """The tar inside a gzip stream (members one after another, zero padding after the last, as
     :mod:`gzip` reads them), through :mod:`zlib` (which releases the GIL as it inflates); each tar
-    byte is counted, and hashed once (the diff_id) in a thread of its own, a chunk behind: the
-    thread that inflates and scans the tar is the pass's longest, and hashlib releases the GIL."""
+    byte is counted, and hashed once (the diff_id) in a thread of its own, up to
+    :data:`HASH_BEHIND` chunks behind: the thread that inflates and scans the tar is the pass's
+    longest, and hashlib releases the GIL (one chunk behind, it waited for the hash 0.2 s a mount
+    when the other core was busy)."""
 
     def __init__(self, raw) -> None:
         super().__init__()
         self.raw = raw
         self.h = hashlib.sha256()
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagefs-diffid")
-        self._hashing: concurrent.futures.Future | None = None  # the chunk being hashed: one at a time, in order
+        self._hashing: collections.deque[concurrent.futures.Future] = collections.deque()  # in order, one worker
         self.produced = 0
         self._d = zlib.decompressobj(31)
         self._pending = b""  # compressed bytes read, not yet given to the decompressor
@@ -153,18 +156,26 @@ class _Inflating(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:
+        out = self.chunk(len(buf))
+        n = len(out)
+        buf[:n] = out
+        return n
+
+    def chunk(self, limit: int = 4 << 20) -> bytes:
+        """The next at most ``limit`` tar bytes (``b""`` at the end), without a copy: what
+        :class:`.tarindex.Forward` reads."""
         while True:
             if self._d.unconsumed_tail:
                 data = self._d.unconsumed_tail
             elif self._pending:
                 data, self._pending = self._pending, b""
             elif self._eof:
-                return 0
+                return b""
             else:
                 data = self.raw.read(READ)
                 if not data:  # a stream cut inside a member ends here too: the tar scan says
                     self._eof, self.truncated = True, not self._d.eof  # where, and there is no diff_id
-                    return 0
+                    return b""
             if self._d.eof:  # between members: zero padding, then another member or the end
                 data = data.lstrip(b"\0")
                 if not data:
@@ -176,22 +187,20 @@ class _Inflating(io.RawIOBase):
                     data += more
                 if not data.startswith(b"\x1f\x8b"):  # trailing bytes that are no member: ignored,
                     self._eof = True  # as gzip -dc and indexed_gzip do
-                    return 0
+                    return b""
                 self._d = zlib.decompressobj(31)
-            out = self._d.decompress(data, len(buf))
+            out = self._d.decompress(data, limit)
             if self._d.eof and self._d.unused_data:
                 self._pending = self._d.unused_data
             if out:
-                n = len(out)
-                buf[:n] = out
                 self._hash(out)
-                self.produced += n
-                return n
+                self.produced += len(out)
+                return out
 
     def _hash(self, chunk: bytes) -> None:
-        if self._hashing is not None:
-            self._hashing.result()
-        self._hashing = self._hasher.submit(self.h.update, chunk)
+        if len(self._hashing) >= HASH_BEHIND:
+            self._hashing.popleft().result()
+        self._hashing.append(self._hasher.submit(self.h.update, chunk))
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True)
@@ -200,16 +209,17 @@ class _Inflating(io.RawIOBase):
     def finish(self) -> str | None:
         """``sha256:…`` of the whole tar stream, or None if its tail cannot be inflated."""
         try:
-            while self.read(4 << 20):
+            while self.chunk():
                 pass
         except diffids.INFLATE_ERRORS:
             return None
-        if self._hashing is not None:
-            self._hashing.result()
+        while self._hashing:
+            self._hashing.popleft().result()
         return None if self.truncated else "sha256:" + self.h.hexdigest()
 
 
 READ = 1 << 20  # compressed bytes a read of the tar stream asks for
+HASH_BEHIND = 4  # tar chunks (<= 4 MiB each) waiting for the diff_id's thread, at most
 
 
 class _Stopping(Counting):
@@ -283,7 +293,7 @@ def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = span
                 thread.start()
                 tar = _Inflating(io.BufferedReader(raw, READ))
                 try:
-                    found, _, skipped = tarindex.scan(io.BufferedReader(tar, 4 << 20), label,
+                    found, _, skipped = tarindex.scan(tarindex.Forward(tar.chunk), label,
                                                       (lambda: raw.consumed) if progress else None, on_member=member)
                     uncompressed = tar.finish() or ""
                 except BaseException:
