@@ -291,7 +291,7 @@ def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = span
             if side is not None:
                 thread = threading.Thread(target=_checkpoints, args=(gz, errors), name="imagefs-checkpoints", daemon=True)
                 thread.start()
-                tar = _Inflating(io.BufferedReader(raw, READ))
+                tar = _Inflating(raw)  # READ at a time from the stream itself: no buffer's copies
                 try:
                     found, _, skipped = tarindex.scan(tarindex.Forward(tar.chunk), label,
                                                       (lambda: raw.consumed) if progress else None, on_member=member)
