@@ -199,7 +199,24 @@ def test_the_split_pass_reads_a_second_member_whose_magic_a_read_cut_in_two():
     with _pass(data, len(tar), True) as split, _pass(data, len(tar), False) as one:
         assert split.tar_size == one.tar_size == len(tar)
         assert split.uncompressed == one.uncompressed == "sha256:" + hashlib.sha256(tar).hexdigest()
-        assert split.entries == one.entries and len(split.entries) == 201
+        assert split.entries == one.entries and len(split.entries) == len(files) + 1
+
+
+@pytest.mark.parametrize("after", ["zero padding", "a second member"])
+def test_the_split_pass_reads_on_after_a_member_that_ends_where_one_read_inflates_to_several_chunks(after):
+    # text compresses ~50x: one read of the blob holds the member's end and what follows it, and
+    # inflates to several chunks; zlib then leaves those following bytes in unconsumed_tail as well
+    # as unused_data, and reading them from both spun forever (padding) or inflated them twice
+    files = {f"t/f{i:03d}": b"line %d of a text file that compresses well\n" % i * 2000 for i in range(100)}
+    tar = im.uncompressed(im.tar_layer(files, compression="none"))
+    half = len(tar) * 2 // 3  # more than one chunk of output
+    data = {"zero padding": gzip.compress(tar, 6, mtime=0) + bytes(1000),
+            "a second member": gzip.compress(tar[:half], 6, mtime=0) + gzip.compress(tar[half:], 6, mtime=0)}[after]
+    assert len(data) < gzpass.READ and len(tar) > 2 * (4 << 20)
+    with _pass(data, len(tar), True) as split, _pass(data, len(tar), False) as one:
+        assert split.tar_size == one.tar_size == len(tar)
+        assert split.uncompressed == one.uncompressed == "sha256:" + hashlib.sha256(tar).hexdigest()
+        assert split.entries == one.entries and len(split.entries) == len(files) + 1
 
 
 def test_the_split_pass_refuses_what_does_not_inflate_and_keeps_no_diff_id_of_a_cut_stream(mixed):

@@ -165,7 +165,9 @@ class _Inflating(io.RawIOBase):
         """The next at most ``limit`` tar bytes (``b""`` at the end), without a copy: what
         :class:`.tarindex.Forward` reads."""
         while True:
-            if self._d.unconsumed_tail:
+            # at a member's end zlib may leave what follows it in unconsumed_tail as well as in
+            # unused_data (when the call before stopped at ``limit``): only unused_data is read on
+            if self._d.unconsumed_tail and not self._d.eof:
                 data = self._d.unconsumed_tail
             elif self._pending:
                 data, self._pending = self._pending, b""
