@@ -220,7 +220,7 @@ class _Inflating(io.RawIOBase):
         return None if self.truncated else "sha256:" + self.h.hexdigest()
 
 
-READ = 1 << 20  # compressed bytes a read of the tar stream asks for
+READ = 4 << 20  # compressed bytes a read of the tar stream asks for (each a trip through trio when it arrives)
 HASH_BEHIND = 4  # tar chunks (<= 4 MiB each) waiting for the diff_id's thread, at most
 
 

@@ -251,7 +251,7 @@ class Layers:
             return None
         tail = await self.reader.read(desc, desc.size - 4, 4)  # ISIZE: the tar's size, mod 4 GiB
         estimate = max(desc.size, int.from_bytes(tail, "little"))
-        stream = Arriving(self.reader, desc)  # the tar side reads it 1 MiB at a time, unbuffered
+        stream = Arriving(self.reader, desc)  # the tar side reads it 4 MiB at a time, unbuffered
         # a second reader of the same bytes for the checkpoint thread (gzpass): two cores, one inflate each
         second = io.BufferedReader(Arriving(self.reader, desc), 4 << 20)
         return await trio.to_thread.run_sync(
