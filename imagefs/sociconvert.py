@@ -34,7 +34,7 @@ from .descriptors import (CONFIG_TYPES, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_
                           Descriptor, Platform, is_index, is_manifest, is_soci_index)
 from .errors import EmptyIndex, NotFound, RegistryError
 from .handlers import Fetcher, dispatch, fetch
-from .layers import gzpass, spans, ztoc
+from .layers import gzindex, spans, ztoc
 from .units import human
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Converter:
         if path is None:
             raise NotFound(f"{layer.ref_key} is not in the cache after fetching it")
         async with self._limit:
-            z = await trio.to_thread.run_sync(gzpass.build_ztoc, str(path), self.opts.span_size, layer.ref_key)
+            z = await trio.to_thread.run_sync(gzindex.build_ztoc, str(path), self.opts.span_size, layer.ref_key)
             data = await trio.to_thread.run_sync(ztoc.encode, z)
         desc = await self._put_blob(SOCI_ZTOC, data)
         self._ztocs[layer.digest] = {**desc, "annotations": {SOCI_LAYER_MEDIA_TYPE: OCI_LAYER_GZIP,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 import tarfile
 import time
 
@@ -10,7 +12,7 @@ import pytest
 
 from imagefs.descriptors import Descriptor
 from imagefs.errors import DigestMismatch
-from imagefs.layers import entries, service, zran
+from imagefs.layers import entries, service, tarindex, zran
 from imagefs.layers.entries import BLOCK, CHAR, DIR, FIFO, FILE, HARDLINK, SYMLINK
 from imagefs.layers.merge import merge
 from imagefs.layers.tarindex import normalise
@@ -187,3 +189,66 @@ def test_pax_mtimes_are_integer_ns_and_an_older_index_version_is_replaced(tmp_pa
     assert not old.exists()
     again = entries.load(tmp_path / "cache", blob.digest)
     assert again == idx and all(type(e.mtime) is int for e in again.entries)
+
+
+def _tars(tmp_path) -> dict[str, bytes]:
+    """Tars whose headers take every branch of QuickTarInfo: each format, long names and links, a
+    ustar prefix, devices, numbers tarfile writes in base 256, a sparse file by GNU tar, a V7 dir,
+    a header whose checksum only the signed sum matches, and a stream cut inside a member."""
+    long = "p/" + "n" * 120 + "/" + "f" * 90  # a ustar prefix where ustar can, a long name elsewhere
+    members = [dir_("./d/"), M("./d/f", b"x" * 700, uid=1000, gid=1000, pax={"SCHILY.xattr.user.a": "1"}),
+               M(long, b"long"), M("d/h", kind=tarfile.LNKTYPE, link="d/f"), M("d/l", kind=tarfile.SYMTYPE, link="z" * 150),
+               M("dev/c", kind=tarfile.CHRTYPE, major=4, minor=64), M("dev/b", kind=tarfile.BLKTYPE, major=8, minor=1),
+               M("dev/p", kind=tarfile.FIFOTYPE), M("u/big", b"b", uid=0o7777777 + 1, gid=2**21 + 5), M("é/ü", b"utf-8")]
+    out = {}
+    for name, fmt in (("pax", tarfile.PAX_FORMAT), ("gnu", tarfile.GNU_FORMAT)):
+        out[name] = im.uncompressed(layer(members, "none", fmt=fmt))
+    out["ustar"] = im.uncompressed(layer([m for m in members if m.uid < 0o7777777 and len(m.link) < 100], "none",
+                                         fmt=tarfile.USTAR_FORMAT))
+    v7 = bytearray(tarfile.TarInfo("v7dir/").tobuf(tarfile.USTAR_FORMAT))
+    v7[156:157] = tarfile.AREGTYPE
+    signed = bytearray(tarfile.TarInfo("s\xe9gned").tobuf(tarfile.USTAR_FORMAT, "latin-1"))
+    for buf, chksum in ((v7, None), (signed, 256 + sum(tarfile.struct.unpack_from("148b8x356b", signed)))):
+        buf[148:156] = b" " * 8
+        buf[148:156] = b"%06o\0 " % (chksum or 256 + sum(buf[:148]) + sum(buf[156:]))
+    out["odd"] = bytes(v7 + signed) + bytes(1024)
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.seek(3 << 20)
+        f.write(b"end")
+    os.utime(src / "sparse", (1e9, 1e9))
+    for fmt in ("gnu", "posix"):
+        done = subprocess.run(["tar", "-C", str(src), f"--format={fmt}", "--sparse", "-cf", "-", "sparse"],
+                              capture_output=True, check=True)
+        out[f"sparse-{fmt}"] = done.stdout
+    out["cut"] = out["pax"][:len(out["pax"]) // 2 + 100]
+    return out
+
+
+def test_quick_headers_are_tarfiles_own(tmp_path):
+    # the quick header parse (tarindex.QuickTarInfo) and the Forward reader must give exactly what
+    # tarfile's own stream mode gives: the same TarInfo fields, members and errors, on every shape
+    def members(data: bytes, quick: bool) -> list:
+        if quick:
+            at = iter(data[i:i + 1000] for i in range(0, len(data), 1000))
+            fileobj, mode = tarindex.Forward(lambda: next(at, b"")), "r:"
+        else:
+            fileobj, mode = io.BytesIO(data), "r|"
+        rows = []
+        try:
+            with tarfile.open(fileobj=fileobj, mode=mode, tarinfo=tarindex.QuickTarInfo if quick else tarfile.TarInfo) as t:
+                for info in t:
+                    rows.append((info.get_info(), info.offset, info.offset_data, info.pax_headers, info.sparse,
+                                 info.chksum))
+        except tarfile.TarError as exc:
+            rows.append(type(exc).__name__)
+        return rows
+
+    for name, data in _tars(tmp_path).items():
+        want = members(data, False)
+        assert want and not isinstance(want[0], str), name
+        assert members(data, True) == want, name
+        whole = iter([data])
+        found, size, skipped = tarindex.scan(tarindex.Forward(lambda: next(whole, b"")), name)
+        assert (found, size, skipped) == tarindex.scan(io.BytesIO(data), name), name

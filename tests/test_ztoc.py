@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagefs.errors import InvalidZtoc
-from imagefs.layers import gzpass, zinfo, zran, ztoc
+from imagefs.layers import gzindex, zinfo, zran, ztoc
 from imagefs.layers.entries import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK
 
 SCHEMA = Path(__file__).parent / "support" / "ztoc.fbs"
@@ -86,7 +86,7 @@ def layer(tmp_path_factory) -> dict:
     blob = gzip.compress(tar, compresslevel=6, mtime=0)
     path = tmp / "layer.tar.gz"
     path.write_bytes(blob)
-    z = ztoc.decode(ztoc.encode(gzpass.build_ztoc(str(path), SPAN, "test", sparse=SPAN, budget=None)), "test")
+    z = ztoc.decode(ztoc.encode(gzindex.build_ztoc(str(path), SPAN, "test", sparse=SPAN, budget=None)), "test")
     data = ztoc.encode(z)
     (tmp / "layer.ztoc").write_bytes(data)
     return {"tmp": tmp, "tar": tar, "blob": blob, "path": path, "z": z, "data": data}
@@ -105,7 +105,7 @@ def small(tmp_path_factory) -> bytes:
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
     path.write_bytes(gzip.compress(out.getvalue(), mtime=0))
-    return ztoc.encode(gzpass.build_ztoc(str(path), 64 << 10, "small", sparse=64 << 10, budget=None))
+    return ztoc.encode(gzindex.build_ztoc(str(path), 64 << 10, "small", sparse=64 << 10, budget=None))
 
 
 def flatc_json(tmp: Path, data: bytes, name: str = "z") -> dict:

@@ -161,6 +161,7 @@ async def _index(image: Image, layers: Layers) -> None:
         return []
 
     await dispatch(one, found, limit=2)  # a failing layer is one clear error, not a group
+    await layers.settled()  # and kept in the cache, as --index promises the next mount
     log.info("indexes ready: %d layers", len(found))
 
 

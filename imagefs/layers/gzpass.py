@@ -13,9 +13,9 @@ mode, without ``index_stream``) also inflates every byte twice, its index expans
 read, in one thread. The candidates are then thinned by :mod:`.spans`' rule, and only the chosen
 ones' 32 KiB windows are read back (indexed_gzip's export goes to a temporary file, not memory).
 A mount feeds the pass with the blob as it arrives (:func:`inflate_stream`), so fetching and
-inflating overlap; ``copy --soci`` reads the committed file. The span digests need the chosen
-checkpoints, so they are a second *read* of the committed blob (page-cached, two spans at a time),
-never a third inflate.
+inflating overlap; ``copy --soci`` reads the committed file. What the pass found becomes an index
+or a zTOC in :mod:`.gzindex` (the chosen checkpoints, then the span digests: a second *read* of the
+committed blob, never a third inflate).
 
 indexed_gzip against rapidgzip (parallel inflate) for this pass is measured in ``bench/RESULTS.md``
 (Issue 11): at the candidate spacing the span rule needs, indexed_gzip is the faster here.
@@ -26,8 +26,8 @@ layer was inflated once and benchmarks can say so.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import dataclasses
 import hashlib
 import io
 import os
@@ -40,8 +40,8 @@ from typing import Callable
 import indexed_gzip
 
 from ..errors import InvalidLayer
-from . import diffids, spans, tarindex, zinfo, ztoc
-from .entries import GZIP, Entry, LayerIndex
+from . import diffids, spans, tarindex, zinfo
+from .entries import Entry
 from .streams import Counting
 from .zinfo import WINDOW, Checkpoint, gzip_isize
 from .zran import header_length
@@ -135,15 +135,17 @@ def inflate(path: str, label: str, *, dense: int = spans.DENSE, on_member: Calla
 class _Inflating(io.RawIOBase):
     """The tar inside a gzip stream (members one after another, zero padding after the last, as
     :mod:`gzip` reads them), through :mod:`zlib` (which releases the GIL as it inflates); each tar
-    byte is counted, and hashed once (the diff_id) in a thread of its own, a chunk behind: the
-    thread that inflates and scans the tar is the pass's longest, and hashlib releases the GIL."""
+    byte is counted, and hashed once (the diff_id) in a thread of its own, up to
+    :data:`HASH_BEHIND` chunks behind: the thread that inflates and scans the tar is the pass's
+    longest, and hashlib releases the GIL (one chunk behind, it waited for the hash 0.2 s a mount
+    when the other core was busy)."""
 
     def __init__(self, raw) -> None:
         super().__init__()
         self.raw = raw
         self.h = hashlib.sha256()
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="imagefs-diffid")
-        self._hashing: concurrent.futures.Future | None = None  # the chunk being hashed: one at a time, in order
+        self._hashing: collections.deque[concurrent.futures.Future] = collections.deque()  # in order, one worker
         self.produced = 0
         self._d = zlib.decompressobj(31)
         self._pending = b""  # compressed bytes read, not yet given to the decompressor
@@ -154,18 +156,28 @@ class _Inflating(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:
+        out = self.chunk(len(buf))
+        n = len(out)
+        buf[:n] = out
+        return n
+
+    def chunk(self, limit: int = 4 << 20) -> bytes:
+        """The next at most ``limit`` tar bytes (``b""`` at the end), without a copy: what
+        :class:`.tarindex.Forward` reads."""
         while True:
-            if self._d.unconsumed_tail:
+            # at a member's end zlib may leave what follows it in unconsumed_tail as well as in
+            # unused_data (when the call before stopped at ``limit``): only unused_data is read on
+            if self._d.unconsumed_tail and not self._d.eof:
                 data = self._d.unconsumed_tail
             elif self._pending:
                 data, self._pending = self._pending, b""
             elif self._eof:
-                return 0
+                return b""
             else:
                 data = self.raw.read(READ)
                 if not data:  # a stream cut inside a member ends here too: the tar scan says
                     self._eof, self.truncated = True, not self._d.eof  # where, and there is no diff_id
-                    return 0
+                    return b""
             if self._d.eof:  # between members: zero padding, then another member or the end
                 data = data.lstrip(b"\0")
                 if not data:
@@ -177,22 +189,20 @@ class _Inflating(io.RawIOBase):
                     data += more
                 if not data.startswith(b"\x1f\x8b"):  # trailing bytes that are no member: ignored,
                     self._eof = True  # as gzip -dc and indexed_gzip do
-                    return 0
+                    return b""
                 self._d = zlib.decompressobj(31)
-            out = self._d.decompress(data, len(buf))
+            out = self._d.decompress(data, limit)
             if self._d.eof and self._d.unused_data:
                 self._pending = self._d.unused_data
             if out:
-                n = len(out)
-                buf[:n] = out
                 self._hash(out)
-                self.produced += n
-                return n
+                self.produced += len(out)
+                return out
 
     def _hash(self, chunk: bytes) -> None:
-        if self._hashing is not None:
-            self._hashing.result()
-        self._hashing = self._hasher.submit(self.h.update, chunk)
+        if len(self._hashing) >= HASH_BEHIND:
+            self._hashing.popleft().result()
+        self._hashing.append(self._hasher.submit(self.h.update, chunk))
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True)
@@ -201,16 +211,17 @@ class _Inflating(io.RawIOBase):
     def finish(self) -> str | None:
         """``sha256:…`` of the whole tar stream, or None if its tail cannot be inflated."""
         try:
-            while self.read(4 << 20):
+            while self.chunk():
                 pass
         except diffids.INFLATE_ERRORS:
             return None
-        if self._hashing is not None:
-            self._hashing.result()
+        while self._hashing:
+            self._hashing.popleft().result()
         return None if self.truncated else "sha256:" + self.h.hexdigest()
 
 
-READ = 1 << 20  # compressed bytes a read of the tar stream asks for
+READ = 4 << 20  # compressed bytes a read of the tar stream asks for (each a trip through trio when it arrives)
+HASH_BEHIND = 4  # tar chunks (<= 4 MiB each) waiting for the diff_id's thread, at most
 
 
 class _Stopping(Counting):
@@ -282,9 +293,9 @@ def inflate_stream(f, size: int, label: str, *, estimate: int, dense: int = span
             if side is not None:
                 thread = threading.Thread(target=_checkpoints, args=(gz, errors), name="imagefs-checkpoints", daemon=True)
                 thread.start()
-                tar = _Inflating(io.BufferedReader(raw, READ))
+                tar = _Inflating(raw)  # READ at a time from the stream itself: no buffer's copies
                 try:
-                    found, _, skipped = tarindex.scan(io.BufferedReader(tar, 4 << 20), label,
+                    found, _, skipped = tarindex.scan(tarindex.Forward(tar.chunk), label,
                                                       (lambda: raw.consumed) if progress else None, on_member=member)
                     uncompressed = tar.finish() or ""
                 except BaseException:
@@ -331,78 +342,3 @@ def _read_points(export, size: int, tar_size: int) -> tuple[list[spans.Point], d
             points.append(spans.Point(cmp, uncmp, bits))
             at[(cmp, uncmp)] = pos
     return points, at
-
-
-def span_digests(path: str, ranges: list[tuple[int, int]]) -> list[str]:
-    """``sha256:<hex>`` of each byte range of the file (a read, not an inflate), two ranges at a
-    time: hashlib releases the GIL, so on two cores the spans cost half the wall time."""
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-
-        def digest(r: tuple[int, int]) -> str:
-            start, end = r
-            h = hashlib.sha256()
-            pos = start
-            while pos < end:
-                chunk = os.pread(fd, min(end - pos, 4 << 20), pos)
-                if not chunk:
-                    raise InvalidLayer(f"{path} ends before byte {end}")
-                h.update(chunk)
-                pos += len(chunk)
-            return "sha256:" + h.hexdigest()
-
-        if len(ranges) < 2:
-            return [digest(r) for r in ranges]
-        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="imagefs-spans") as pool:
-            return list(pool.map(digest, ranges))
-
-
-def toc_estimate(names: int, name_bytes: int) -> int:
-    """What a zTOC's rows cost, roughly (a flatbuffer table of 14 fields, type and mtime strings,
-    the name): measured 150-190 bytes a member plus the name's length."""
-    return names * 180 + name_bytes
-
-
-def _choose(p: Pass, names: int, name_bytes: int, dense: int, sparse: int,
-            budget: float | None) -> tuple[list[Checkpoint], int]:
-    chosen, used = spans.fit(p.candidates, p.first, p.ranges, p.size, toc_estimate(names, name_bytes), dense,
-                             sparse, budget)
-    return p.checkpoints(chosen), used
-
-
-def build_ztoc(path: str, dense: int, label: str, build_tool: str = "", *, sparse: int = spans.SPARSE,
-               budget: float | None = spans.BUDGET) -> ztoc.Ztoc:
-    """The zTOC of the committed gzip'd tar at ``path``, in one inflate (``copy --soci``).
-    ``sparse``/``budget``: :func:`.spans.fit` (``sparse=dense, budget=None``: spans of one size)."""
-    members: list = []
-
-    def row(info) -> None:
-        members.append(ztoc.member_of(info))
-
-    # One thread, as before the split pass, so a zTOC is what it was: indexed_gzip alone offers no
-    # candidate in the stream's last read (its index expands only up to where a read starts), and
-    # with them the span rule adds a checkpoint there (bench/soci: +32 KiB, (e) from 1.99 % to 2.00 %)
-    with inflate(path, label, dense=dense, on_member=row, progress=False, split=False) as p:
-        points, used = _choose(p, len(members), sum(len(m.name) + len(m.linkname) for m in members), dense,
-                               sparse, budget)
-    z = ztoc.Ztoc(p.size, p.tar_size, tuple(members), (), tuple(points), used,
-                  build_tool=build_tool or ztoc.BUILD_TOOL)
-    digests = span_digests(path, [ztoc.span_range(z, i) for i in range(len(points))])
-    return dataclasses.replace(z, span_digests=tuple(digests))
-
-
-def build_index(path: str, digest: str, label: str) -> LayerIndex:
-    """A committed gzip layer's local index, in one inflate, its checkpoints placed as a zTOC's would be."""
-    return index_of(inflate(path, label), path, digest)
-
-
-def index_of(p: Pass, path: str, digest: str) -> LayerIndex:
-    """The local index from a pass (closed here) and the committed blob at ``path`` (its span digests)."""
-    with p:
-        points, used = _choose(p, len(p.entries), sum(len(e.path) + len(e.target) for e in p.entries), spans.DENSE,
-                               spans.SPARSE, spans.BUDGET)
-    z = ztoc.Ztoc(p.size, p.tar_size, (), (), tuple(points), used)
-    digests = span_digests(path, [ztoc.span_range(z, i) for i in range(len(points))])
-    z = dataclasses.replace(z, span_digests=tuple(digests))
-    return LayerIndex(digest, GZIP, p.entries, p.tar_size, ztoc.index_spans(z), zlib.compress(ztoc.to_gzidx(z), 1),
-                      p.skipped, p.uncompressed)

@@ -37,7 +37,7 @@ from ..content import labels
 from ..content.pieces import Pieces
 from ..descriptors import Descriptor, is_manifest
 from ..errors import ImagefsError, InvalidLayer, RegistryError
-from . import diffids, entries, gzpass, lazy, remote, tarindex, zran
+from . import diffids, entries, gzindex, gzpass, lazy, remote, tarindex, zran
 from .entries import GZIP, PLAIN, ZSTD, Entry, LayerIndex, sniff
 from .streams import Arriving, Counting, ZstdCursor
 
@@ -83,7 +83,7 @@ def build(path: str, desc: Descriptor) -> LayerIndex:
     with open(path, "rb") as f:
         compression = sniff(f.read(4))
     if compression == GZIP:  # one inflate: tar, diff_id, checkpoints (gzpass), then the spans hashed
-        index = gzpass.build_index(path, desc.digest, label)
+        index = gzindex.build_index(path, desc.digest, label)
         log.info("indexed %s: %d entries (%d skipped), gzip, %.0f MiB uncompressed, %d spans, in %.2f s",
                  label, len(index.entries), index.skipped, index.tar_size / 2**20, len(index.spans),
                  time.monotonic() - start)
@@ -128,6 +128,7 @@ class Layers:
         if remote_indexes is not None:
             remote_indexes.stats = self.stats.remote
         self._inflated: set[str] = set()  # layers this process inflated whole: worth a config fetch to check
+        self._keeping: dict[str, trio.Event] = {}  # set once a built index is complete (spans hashed)
         self._checked: set[str] = set()
 
     def statistics(self) -> LayersStatistics:
@@ -186,26 +187,49 @@ class Layers:
                 streamed.close()
             raise
         path = str(self.reader.store.path(desc.digest))
+        unhashed = None
         if streamed is not None:
             committed = time.monotonic()
-            built = await trio.to_thread.run_sync(gzpass.index_of, streamed, path, desc.digest)
-            log.info("indexed %s: %d entries (%d skipped), gzip, %.0f MiB uncompressed, %d spans, in %.2f s "
-                     "(fetch and inflate overlapped: the pass %.2f s, then the commit %.2f s, the spans %.2f s)",
-                     desc.ref_key, len(built.entries), built.skipped, built.tar_size / 2**20, len(built.spans),
+            unhashed = await trio.to_thread.run_sync(gzindex.unhashed, streamed, desc.digest)
+            built = unhashed.index
+            log.info("indexed %s: %d entries (%d skipped), gzip, %.0f MiB uncompressed, in %.2f s (fetch and "
+                     "inflate overlapped: the pass %.2f s, then the commit %.2f s, the checkpoints %.2f s; "
+                     "the spans are hashed next, in the background)",
+                     desc.ref_key, len(built.entries), built.skipped, built.tar_size / 2**20,
                      time.monotonic() - start, passed - start, committed - passed, time.monotonic() - committed)
         else:
             built = await trio.to_thread.run_sync(build, path, desc)
         if built.uncompressed:
             self._inflated.add(desc.digest)
         # kept (and the blob labelled) in the background, as a zTOC's index is: the first look
-        # inside waits for no disk write (0.2-0.25 s for the bench's 8,154 members)
-        self.reader.nursery.start_soon(self._keep, built)
+        # inside waits for no disk write (0.2-0.25 s for the bench's 8,154 members), nor for the
+        # span digests (0.3-0.45 s): until they are hashed, reads inflate the committed blob itself
+        done = self._keeping[desc.digest] = trio.Event()
+        self.reader.nursery.start_soon(self._keep, built, unhashed, path, done)
         self.stats.built += 1
         return built
 
-    async def _keep(self, built: LayerIndex) -> None:
+    async def _keep(self, built: LayerIndex, unhashed: gzindex.Unhashed | None, path: str, done: trio.Event) -> None:
         with trio.CancelScope(shield=True):  # an unmount right after the first look still keeps it
+            try:
+                if unhashed is not None:
+                    start = time.monotonic()
+                    # one thread: the other core serves the reads that first look started
+                    await trio.to_thread.run_sync(unhashed.hash, path, 1)
+                    log.info("%s: %d spans hashed in %.2f s", built.digest, len(built.spans), time.monotonic() - start)
+            except (OSError, InvalidLayer) as exc:  # gone or unreadable: the next look builds it again
+                log.warning("%s: spans not hashed, so the index is not kept: %s", built.digest, exc)
+                if self._indexes.get(built.digest) is built:
+                    del self._indexes[built.digest]
+                return
+            finally:
+                done.set()
             await trio.to_thread.run_sync(self._save, built)
+
+    async def settled(self) -> None:
+        """Wait until every index built so far is complete (its spans hashed) and kept, or given up."""
+        for done in list(self._keeping.values()):
+            await done.wait()
 
     def _save(self, built: LayerIndex) -> None:
         """Persist a verified layer's index (a worker thread, in the background: a full disk costs
@@ -227,7 +251,7 @@ class Layers:
             return None
         tail = await self.reader.read(desc, desc.size - 4, 4)  # ISIZE: the tar's size, mod 4 GiB
         estimate = max(desc.size, int.from_bytes(tail, "little"))
-        stream = io.BufferedReader(Arriving(self.reader, desc), 4 << 20)
+        stream = Arriving(self.reader, desc)  # the tar side reads it 4 MiB at a time, unbuffered
         # a second reader of the same bytes for the checkpoint thread (gzpass): two cores, one inflate each
         second = io.BufferedReader(Arriving(self.reader, desc), 4 << 20)
         return await trio.to_thread.run_sync(
@@ -307,8 +331,7 @@ class Layers:
         if index.compression == GZIP:
             ra = self._gz.get(desc.digest)
             if ra is None:
-                raw = zran.SpanFile(desc.size, index.spans, self._span_fetcher(desc, index), desc.ref_key)
-                ra = self._gz[desc.digest] = await trio.to_thread.run_sync(zran.RandomAccess, raw, index.zran)
+                ra = self._gz[desc.digest] = await self._random_access(desc, index)
             try:
                 data = await trio.to_thread.run_sync(ra.pread, pos, size)
             except BaseException:
@@ -322,6 +345,28 @@ class Layers:
         if len(data) != size:
             raise InvalidLayer(f"{desc.ref_key}: {entry.path} ends early ({len(data)} of {size} bytes at {offset})")
         return data
+
+    async def _random_access(self, desc: Descriptor, index: LayerIndex) -> zran.RandomAccess:
+        """Reads of a gzip layer through its checkpoints: span by span, each checked against its
+        digest — or, while the digests of an index built here are still being hashed, from the
+        committed blob itself (verified whole; an open file stays readable if it is evicted)."""
+        done = self._keeping.get(desc.digest)
+        if not index.spans and done is not None and not done.is_set():
+            blob = await trio.to_thread.run_sync(self._open_committed, desc)
+            if blob is not None:
+                return await trio.to_thread.run_sync(zran.RandomAccess, blob, index.zran)
+            await done.wait()
+        if not index.spans:  # hashing failed: the index was dropped, a new look builds it again
+            raise InvalidLayer(f"{desc.ref_key}: the index has no span digests; read it again")
+        raw = zran.SpanFile(desc.size, index.spans, self._span_fetcher(desc, index), desc.ref_key)
+        return await trio.to_thread.run_sync(zran.RandomAccess, raw, index.zran)
+
+    def _open_committed(self, desc: Descriptor) -> Counting | None:
+        path = self.reader.store.path(desc.digest)
+        try:
+            return Counting(open(path, "rb", buffering=0)) if path is not None else None
+        except FileNotFoundError:
+            return None
 
     def _span_fetcher(self, desc: Descriptor, index: LayerIndex):
         """Compressed bytes for a worker thread, each span a whole piece checked against the index

@@ -2,7 +2,9 @@
 
 Python's :mod:`tarfile` in stream mode (``r|``) does the format work — PAX headers (long names,
 ``SCHILY.xattr.*``), GNU long names and links, old ustar — and tells where each member's data
-starts. What this module adds is the layer semantics:
+starts (a gzip pass hands it the inflated chunks through :class:`Forward`, and
+:class:`QuickTarInfo` parses the usual header faster, exactly as tarfile does). What this module
+adds is the layer semantics:
 
 - names are normalised as a container runtime sees them: ``./etc/x`` and ``etc/x/`` are ``etc/x``;
 - a name that would escape the layer (a ``..`` component, an absolute path) is refused with a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -167,7 +170,125 @@ def entry_of(info: tarfile.TarInfo, path: str, scan: Members) -> Entry | None:
                  info.linkname if kind == SYMLINK else "", rdev=rdev, xattrs=xattrs or NO_XATTRS)
 
 
-def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = None,
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s")  # ustar, magic and version skipped
+_USUAL = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
+_NO_NUMBER = (bytes(8), b"0000000\0")  # a device field of a member that is no device
+
+
+def _number(field: bytes) -> int:
+    """tarfile's ``nti`` for an octal field (base-256 ones are left to tarfile)."""
+    end = field.find(b"\0")
+    return int((field[:end] if end != -1 else field).decode("ascii").strip() or "0", 8)
+
+
+class QuickTarInfo(tarfile.TarInfo):
+    """:class:`tarfile.TarInfo` whose header parse is quicker for the usual header and exactly
+    tarfile's: one ``struct`` unpack, the unsigned checksum first. A header it does not take as
+    usual (end-of-archive or empty, a checksum only the signed sum matches, base-256 numbers,
+    old GNU sparse, anything that does not parse) goes to tarfile's own ``frombuf``, which
+    parses it or raises as it always did. Measured on the 8,154-member bench tar (every member
+    behind a PAX header): tarfile's parse was most of the scan's 0.5 s."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE or not buf[0] or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+            return super().frombuf(buf, encoding, errors)
+        (name, mode, uid, gid, size, mtime, chksum, kind, linkname, uname, gname, major, minor,
+         prefix) = _HEADER.unpack_from(buf)
+        usual = _USUAL.match(buf, 100)  # mode, uid, gid, size, mtime as most tars write them
+        try:
+            if chksum[0] in (0o200, 0o377) or major[0] in (0o200, 0o377) or minor[0] in (0o200, 0o377):
+                return super().frombuf(buf, encoding, errors)
+            checked = _number(chksum)
+            if checked != 256 + sum(buf) - sum(chksum):
+                return super().frombuf(buf, encoding, errors)
+            if usual is not None:
+                numbers = [int(n, 8) for n in usual.groups()]
+            else:
+                numbers = [mode, uid, gid, size, mtime]
+                if any(f[0] in (0o200, 0o377) for f in numbers):
+                    return super().frombuf(buf, encoding, errors)
+                numbers = [_number(f) for f in numbers]
+            devices = [0 if f in _NO_NUMBER else _number(f) for f in (major, minor)]
+        except ValueError:
+            return super().frombuf(buf, encoding, errors)
+        obj = cls()
+        obj.name = _text(name, encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
+        obj.devmajor, obj.devminor = devices
+        obj.chksum = checked
+        obj.type = kind
+        obj.linkname = _text(linkname, encoding, errors)
+        obj.uname = _text(uname, encoding, errors)
+        obj.gname = _text(gname, encoding, errors)
+        prefix = _text(prefix, encoding, errors)
+        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):  # old V7: a directory
+            obj.type = tarfile.DIRTYPE
+        if obj.isdir():
+            obj.name = obj.name.rstrip("/")
+        if prefix and obj.type not in tarfile.GNU_TYPES:
+            obj.name = prefix + "/" + obj.name
+        return obj
+
+
+def _text(field: bytes, encoding: str, errors: str) -> str:
+    end = field.find(b"\0")
+    return (field[:end] if end != -1 else field).decode(encoding, errors)
+
+
+class Forward:
+    """A tar stream as chunks (the bytes an inflate made), for :func:`scan`: tarfile reads only
+    the headers (a copy of 512 bytes each), and skipping a member's data is a forward
+    :meth:`seek` that drops chunks without copying them.
+
+    ``tarfile``'s stream mode reads every byte of the data it skips, 10 KiB at a time, through
+    its own buffer: on the 574 MiB bench tar that was 0.5 s of the thread that also inflates it,
+    the longest thread of a mount's first look. ``scan`` opens a :class:`Forward` in tarfile's
+    seekable mode, whose members and errors are the stream mode's: only where the bytes come
+    from differs. ``chunk()`` returns the next bytes, ``b""`` at the end."""
+
+    def __init__(self, chunk: Callable[[], bytes]) -> None:
+        self._chunk = chunk
+        self._buf = b""
+        self._at = 0  # in _buf
+        self._base = 0  # the stream offset of _buf[0]
+
+    def tell(self) -> int:
+        return self._base + self._at
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = 1 << 62
+        out = self._buf[self._at : self._at + size]
+        self._at += len(out)
+        if len(out) == size:
+            return out
+        parts = [out]
+        left = size - len(out)
+        while left and self._next():
+            piece = self._buf[:left]
+            self._at = len(piece)
+            left -= len(piece)
+            parts.append(piece)
+        return b"".join(parts)
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self.tell():
+            raise OSError("a tar stream only seeks forward")
+        while pos > self._base + len(self._buf):
+            if not self._next():  # past the end: stay there, as a read there would
+                self._at = len(self._buf)
+                return self.tell()
+        self._at = pos - self._base
+        return pos
+
+    def _next(self) -> bool:
+        self._base += len(self._buf)
+        self._buf, self._at = self._chunk(), 0
+        return bool(self._buf)
+
+
+def scan(fileobj: IO[bytes] | Forward, label: str, progress: Callable[[], int] | None = None,
          on_member: Callable[[tarfile.TarInfo], None] | None = None) -> tuple[list[Entry], int, int]:
     """Read the tar from ``fileobj`` once; return (entries, uncompressed size, members skipped).
 
@@ -177,7 +298,8 @@ def scan(fileobj: IO[bytes], label: str, progress: Callable[[], int] | None = No
     """
     s = Members(label)
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|", errorlevel=1)
+        tar = tarfile.open(fileobj=fileobj, mode="r:" if isinstance(fileobj, Forward) else "r|", errorlevel=1,
+                           tarinfo=QuickTarInfo)
     except tarfile.ReadError as exc:
         raise InvalidLayer(f"{label} is not a tar archive: {exc}") from exc
     last = time.monotonic()

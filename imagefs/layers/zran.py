@@ -134,7 +134,9 @@ class RandomAccess:
     inflate where the last read stopped instead of starting again from a checkpoint.
     """
 
-    def __init__(self, raw: SpanFile, zran: bytes) -> None:
+    def __init__(self, raw: io.RawIOBase, zran: bytes) -> None:
+        """``raw``: the compressed blob, a :class:`SpanFile` (each span checked) or the committed
+        file (:class:`.streams.Counting`); either keeps in ``error`` what a failed read raised."""
         self.raw = raw
         self.lock = threading.Lock()
         self.gz = indexed_gzip.IndexedGzipFile(fileobj=raw, spacing=SPACING, readbuf_size=READ_BUFFER,
