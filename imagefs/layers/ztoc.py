@@ -117,8 +117,8 @@ class _Table:
         vtable = self.Pos - _I32.unpack_from(self.Bytes, self.Pos)[0]
         return _U16.unpack_from(self.Bytes, vtable + slot)[0] if slot < _U16.unpack_from(self.Bytes, vtable)[0] else 0
 
-    def Get(self, flags, off: int):
-        return flags.packer_type.unpack_from(self.Bytes, off)[0]
+    def Get(self, flags: struct.Struct, off: int):
+        return flags.unpack_from(self.Bytes, off)[0]
 
     def Indirect(self, off: int) -> int:
         return off + _U32.unpack_from(self.Bytes, off)[0]
@@ -127,20 +127,10 @@ class _Table:
 _U16, _I32, _U32 = struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
 
 
-class _Scalar:
-    """A flatbuffer scalar type, as the runtime's ``number_types`` describes one: the runtime
-    itself is imported only to encode (it pulls numpy in, ~90 ms and BLAS threads in every mount)."""
-
-    __slots__ = ("packer_type", "bytewidth")
-
-    def __init__(self, fmt: str) -> None:
-        self.packer_type = struct.Struct("<" + fmt)
-        self.bytewidth = self.packer_type.size
-
-
-class N:  # noqa: N801 - the runtime's names, so the reads below say what they read
-    Int8Flags, Int32Flags, Int64Flags, Uint32Flags = _Scalar("b"), _Scalar("i"), _Scalar("q"), _Scalar("I")
-    SOffsetTFlags, UOffsetTFlags, VOffsetTFlags = _Scalar("i"), _Scalar("I"), _Scalar("H")
+class N:  # noqa: N801 - the runtime's number_types names; the runtime itself is imported only to encode
+    # (it pulls numpy in: ~90 ms and BLAS threads in every mount)
+    Int8Flags, Int32Flags, Int64Flags, Uint32Flags = (struct.Struct("<" + f) for f in "biqI")
+    SOffsetTFlags, UOffsetTFlags, VOffsetTFlags = _I32, _U32, _U16
 
 
 class _View:
@@ -161,7 +151,7 @@ class _View:
 
     def scalar(self, slot: int, flags, default=0):
         o = self.t.Offset(4 + 2 * slot)
-        return self.t.Get(flags, self._at(self.t.Pos + o, flags.bytewidth)) if o else default
+        return self.t.Get(flags, self._at(self.t.Pos + o, flags.size)) if o else default
 
     def _ref(self, slot: int) -> int | None:
         o = self.t.Offset(4 + 2 * slot)
