@@ -175,12 +175,6 @@ _USUAL = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{1
 _NO_NUMBER = (bytes(8), b"0000000\0")  # a device field of a member that is no device
 
 
-def _number(field: bytes) -> int:
-    """tarfile's ``nti`` for an octal field (base-256 ones are left to tarfile)."""
-    end = field.find(b"\0")
-    return int((field[:end] if end != -1 else field).decode("ascii").strip() or "0", 8)
-
-
 class QuickTarInfo(tarfile.TarInfo):
     """:class:`tarfile.TarInfo` whose header parse is quicker for the usual header and exactly
     tarfile's: one ``struct`` unpack, the unsigned checksum first. A header it does not take as
@@ -199,7 +193,7 @@ class QuickTarInfo(tarfile.TarInfo):
         try:
             if chksum[0] in (0o200, 0o377) or major[0] in (0o200, 0o377) or minor[0] in (0o200, 0o377):
                 return super().frombuf(buf, encoding, errors)
-            checked = _number(chksum)
+            checked = tarfile.nti(chksum)
             if checked != 256 + sum(buf) - sum(chksum):
                 return super().frombuf(buf, encoding, errors)
             if usual is not None:
@@ -208,20 +202,20 @@ class QuickTarInfo(tarfile.TarInfo):
                 numbers = [mode, uid, gid, size, mtime]
                 if any(f[0] in (0o200, 0o377) for f in numbers):
                     return super().frombuf(buf, encoding, errors)
-                numbers = [_number(f) for f in numbers]
-            devices = [0 if f in _NO_NUMBER else _number(f) for f in (major, minor)]
-        except ValueError:
+                numbers = [tarfile.nti(f) for f in numbers]
+            devices = [0 if f in _NO_NUMBER else tarfile.nti(f) for f in (major, minor)]
+        except (ValueError, tarfile.HeaderError):  # nti: InvalidHeaderError; int(): ValueError
             return super().frombuf(buf, encoding, errors)
         obj = cls()
-        obj.name = _text(name, encoding, errors)
+        obj.name = tarfile.nts(name, encoding, errors)
         obj.mode, obj.uid, obj.gid, obj.size, obj.mtime = numbers
         obj.devmajor, obj.devminor = devices
         obj.chksum = checked
         obj.type = kind
-        obj.linkname = _text(linkname, encoding, errors)
-        obj.uname = _text(uname, encoding, errors)
-        obj.gname = _text(gname, encoding, errors)
-        prefix = _text(prefix, encoding, errors)
+        obj.linkname = tarfile.nts(linkname, encoding, errors)
+        obj.uname = tarfile.nts(uname, encoding, errors)
+        obj.gname = tarfile.nts(gname, encoding, errors)
+        prefix = tarfile.nts(prefix, encoding, errors)
         if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):  # old V7: a directory
             obj.type = tarfile.DIRTYPE
         if obj.isdir():
@@ -229,11 +223,6 @@ class QuickTarInfo(tarfile.TarInfo):
         if prefix and obj.type not in tarfile.GNU_TYPES:
             obj.name = prefix + "/" + obj.name
         return obj
-
-
-def _text(field: bytes, encoding: str, errors: str) -> str:
-    end = field.find(b"\0")
-    return (field[:end] if end != -1 else field).decode(encoding, errors)
 
 
 class Forward:
