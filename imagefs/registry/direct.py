@@ -297,7 +297,7 @@ class Body:
         trio.lowlevel.start_thread_soon(functools.partial(self._read, self.conn, n), deliver)
 
     def _read(self, conn: _Conn, n: int) -> bytearray:
-        """Worker thread: fill a fresh buffer; on a failure return what arrived and keep the error."""
+        """Worker thread: fill a buffer (pooled when full-size); on a failure return what arrived and keep the error."""
         buf = self.client.buffer(n)
         got = 0
         with memoryview(buf) as view:
