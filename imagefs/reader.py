@@ -182,7 +182,7 @@ class BlobReader:
             if writer.present.covers(offset, end) and (writer.verified or not (self.strict or writer.complete)):
                 if sequential and not writer.complete:
                     blob.readahead(end, window, handle.end)  # a stream served from landed bytes keeps fetching ahead
-                data = writer.pread(offset, end - offset)
+                data = await writer.read(offset, end - offset)
                 self._count(data, "ingest_hits")
                 return data
             if writer.complete:

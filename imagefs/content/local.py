@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..errors import AlreadyExists, NotFound, Unavailable
 from . import filelock, layout
-from .ingest import LocalWriter, atomic_write
+from .diskio import atomic_write
+from .ingest import LocalWriter
 from .labels import now_rfc3339
 from .store import Info
 
@@ -40,6 +41,9 @@ class StoreStatistics:
     lock_waits: int = 0  # writers refused because another holder had the ref: the caller backs off
     verify_failures: int = 0  # complete ingests whose size or digest was wrong
     bytes_read_back: int = 0  # ingest bytes read back from disk to be hashed (not hashed as they landed or from memory)
+    bytes_written_direct: int = 0  # ingest bytes written past the page cache (O_DIRECT), kept in memory for readers
+    bytes_served_from_memory: int = 0  # reads of an ingest answered from chunks in memory
+    bytes_served_from_disk: int = 0  # reads of an ingest's bytes that only the disk still had (a worker thread's pread)
 
 
 class LocalStore:

@@ -47,6 +47,11 @@ class RangeSet:
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and self._ends[i] >= end
 
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any byte of ``[start, end)`` is in the set."""
+        i = bisect.bisect_right(self._ends, start)
+        return i < len(self._starts) and self._starts[i] < end
+
     def missing(self, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of ``[start, end)`` not in the set, in order."""
         out = []

@@ -93,7 +93,11 @@ class Writer(Protocol):
 
     def pread(self, offset: int, size: int) -> bytes | memoryview:
         """Bytes already present (callers check :attr:`present` first); a view of a chunk still in
-        memory is as good (FUSE replies take any buffer)."""
+        memory is as good (FUSE replies take any buffer). Blocking: it may read the disk."""
+
+    async def read(self, offset: int, size: int) -> bytes | memoryview:
+        """:meth:`pread` for a reader being served: a chunk in memory is let go once a read
+        reaches its end, and a disk read happens off the trio thread."""
 
     def save(self) -> None:
         """Record which ranges are present, so a later process resumes (best effort)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import mmap
 import socket
 import ssl
 import struct
@@ -40,7 +41,10 @@ from outcome import Outcome
 from .tuning import DIRECT_BODIES, DIRECT_CHUNK, DIRECT_IDLE, FIRST_CHUNK
 
 MAX_HEAD = 64 * 1024
-POOL = 2 * DIRECT_BODIES + 8  # chunk buffers kept for reuse: two per body, plus what the ingest holds a while
+# Chunk buffers kept for reuse: two per body, plus what an ingest holds in memory a while (32 MiB
+# for its hasher, 32 MiB for readers of chunks it wrote past the page cache).
+POOL = 2 * DIRECT_BODIES + 16
+POOLED_MIN = 64 << 10  # smaller chunks (a short body's) are fresh bytearrays
 # Hop-by-hop or per-request headers a recipe does not replay.
 _DROP = frozenset({b"host", b"range", b"connection", b"content-length", b"transfer-encoding", b"keep-alive", b"te"})
 # A cancelled task must not wait for a stalled socket: trio >= 0.23 spells it abandon_on_cancel.
@@ -107,27 +111,28 @@ class DirectClient:
         self._idle: dict[str, list[_Conn]] = defaultdict(list)
         self.requests = 0  # sent on this path, for tests and statistics
         self.bodies = 0  # open now: each holds up to two chunks, so their number bounds memory
-        self._buffers: list[bytearray] = []  # full-size chunk buffers, reused once no one holds them
+        self._buffers: list[mmap.mmap] = []  # chunk buffers, reused once no view of them is held
         self._pool_lock = threading.Lock()
 
     def release_buffers(self) -> None:
         with self._pool_lock:
             self._buffers.clear()
 
-    def buffer(self, n: int) -> bytearray:
-        """A chunk buffer of ``n`` bytes (worker thread). Full-size ones are reused once only this
-        list holds them (readers drop a chunk when its bytes are written and served): a fresh
-        4 MiB buffer costs a page fault per 4 KiB, the recv itself a tenth of that."""
-        if n != DIRECT_CHUNK:
+    def buffer(self, n: int) -> bytearray | memoryview:
+        """A chunk buffer of ``n`` bytes (worker thread): a view of a page-aligned map of
+        :data:`DIRECT_CHUNK` bytes, reused once no view of it is held (the ingest lets a chunk go
+        when it is hashed and read). A fresh 4 MiB buffer costs a page fault per 4 KiB, the recv
+        itself a tenth of that; and an aligned one can be written with ``O_DIRECT``."""
+        if not POOLED_MIN <= n <= DIRECT_CHUNK:
             return bytearray(n)
         with self._pool_lock:
             for buf in self._buffers:
-                if sys.getrefcount(buf) == 3:  # the list, this loop, the call's argument
-                    return buf
-            buf = bytearray(n)
+                if sys.getrefcount(buf) == 3:  # the list, this loop, the call's argument: no view alive
+                    return memoryview(buf)[:n]
+            buf = mmap.mmap(-1, DIRECT_CHUNK)
             if len(self._buffers) < POOL:
                 self._buffers.append(buf)
-            return buf
+            return memoryview(buf)[:n]
 
     def learn(self, source: str, request: httpx.Request, tls: ssl.SSLContext | bool, connect_timeout: float | None = None) -> None:
         """Remember how httpx's ``request`` for ``source`` was sent, if a plain socket can replay it."""
@@ -251,7 +256,7 @@ class Body:
         self._aborted = False
         client.bodies += 1
 
-    async def read(self) -> bytearray:
+    async def read(self) -> bytearray | memoryview:
         """The next chunk (at most :data:`DIRECT_CHUNK` bytes); ``Lost`` once the connection failed."""
         if self._pending is None:
             if self.error is not None or self.conn is None:
@@ -296,8 +301,8 @@ class Body:
         self._pending = (done, box)
         trio.lowlevel.start_thread_soon(functools.partial(self._read, self.conn, n), deliver)
 
-    def _read(self, conn: _Conn, n: int) -> bytearray:
-        """Worker thread: fill a buffer (pooled when full-size); on a failure return what arrived and keep the error."""
+    def _read(self, conn: _Conn, n: int) -> bytearray | memoryview:
+        """Worker thread: fill a buffer (pooled); on a failure return what arrived and keep the error."""
         buf = self.client.buffer(n)
         got = 0
         with memoryview(buf) as view:
@@ -323,7 +328,7 @@ class Body:
                     if self._aborted:
                         conn.sock.close()
         if got < n:  # rare: a copy, since a TLS error's traceback may still hold a view of buf
-            buf = buf[:got]
+            buf = bytearray(buf[:got])
         return buf
 
     def close(self) -> None:

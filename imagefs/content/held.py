@@ -1,0 +1,121 @@
+"""The chunks of one ingest kept in memory: for its hasher, and for readers of bytes the disk
+has but the page cache does not.
+
+A chunk is held for the hasher while it lies ahead of the hashed prefix (up to ``hold`` bytes:
+the ingest reads back what it could not hold). A chunk written with ``O_DIRECT`` is also kept for
+readers until a read reaches its end (up to ``keep`` bytes): it never went through the page cache,
+and on this kind of VM filling fresh page cache is the dearest part of a cold read
+(``bench/pages``). Whatever the disk alone holds is in :attr:`Held.uncached`: a read of it is a
+disk read, which the ingest does off the trio thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from .ranges import RangeSet
+
+
+class Held:
+    """Chunks by offset, each held for the hasher, kept for readers, or both."""
+
+    def __init__(self, hold: int, keep: int) -> None:
+        self.hold, self.keep = hold, keep
+        self._chunks: dict[int, bytes | memoryview] = {}
+        self._starts: list[int] = []  # sorted offsets of _chunks
+        self._unread: set[int] = set()  # offsets of chunks kept for readers
+        self._unhashed: set[int] = set()  # offsets of chunks held for the hasher
+        self.for_hash = 0  # bytes of held chunks the hasher has yet to pass
+        self.for_readers = 0  # bytes of chunks kept for readers
+        self.uncached = RangeSet()  # written past the page cache, no longer in memory
+
+    def may_hold(self, n: int) -> bool:
+        return self.for_hash + n <= self.hold
+
+    def may_keep(self, n: int) -> bool:
+        return self.for_readers + n <= self.keep
+
+    def add(self, offset: int, chunk: bytes | memoryview, *, hashing: bool, reading: bool) -> None:
+        """Hold ``chunk`` for the hasher (``hashing``) and/or keep it for readers (``reading``:
+        it was written past the page cache)."""
+        if not (hashing or reading) or offset in self._chunks:
+            return
+        self._chunks[offset] = chunk
+        bisect.insort(self._starts, offset)
+        if hashing:
+            self._unhashed.add(offset)
+            self.for_hash += len(chunk)
+        if reading:
+            self._unread.add(offset)
+            self.for_readers += len(chunk)
+
+    def chain(self, pos: int) -> list[bytes | memoryview]:
+        """The chunks contiguous from ``pos``, for the hasher (they stay held until :meth:`hashed_to`)."""
+        out = []
+        while (chunk := self._chunks.get(pos)) is not None:
+            out.append(chunk)
+            pos += len(chunk)
+        return out
+
+    def starts(self, pos: int) -> bool:
+        return pos in self._chunks
+
+    def next_start(self, pos: int) -> int | None:
+        """The first chunk's offset after ``pos``."""
+        i = bisect.bisect_right(self._starts, pos)
+        return self._starts[i] if i < len(self._starts) else None
+
+    def hashed_to(self, pos: int) -> None:
+        """The hasher passed ``pos``: chunks before it are no longer held for it."""
+        for start in [s for s in self._unhashed if s + len(self._chunks[s]) <= pos]:
+            self._unhashed.discard(start)
+            self.for_hash -= len(self._chunks[start])
+            if start not in self._unread:
+                self._drop(start)
+
+    def get(self, offset: int, size: int, *, consume: bool = True) -> bytes | memoryview | None:
+        """``size`` bytes at ``offset`` from memory (a view when one chunk holds them), or None
+        if a part is not here. With ``consume``, a chunk whose end the read reaches is no longer
+        kept for readers: a stream reads on, and memory is for what it has not read yet."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return None
+        start, end = self._starts[i], offset + size
+        chunk = self._chunks[start]
+        if start + len(chunk) >= end:
+            data = memoryview(chunk)[offset - start : end - start]
+            if consume and start + len(chunk) == end:
+                self._read(start)
+            return data
+        parts, pos = [], offset
+        while pos < end:
+            chunk = self._chunks.get(start)
+            if chunk is None or start + len(chunk) <= pos:
+                return None
+            parts.append(memoryview(chunk)[pos - start : min(end, start + len(chunk)) - start])
+            pos, start = start + len(chunk), start + len(chunk)
+        if consume:
+            for s in self._starts[i : bisect.bisect_left(self._starts, end)]:
+                if s + len(self._chunks[s]) <= end:
+                    self._read(s)
+        return b"".join(parts)
+
+    def _read(self, start: int) -> None:
+        if start in self._unread:
+            self._unread.discard(start)
+            n = len(self._chunks[start])
+            self.for_readers -= n
+            self.uncached.add(start, start + n)
+            if start not in self._unhashed:
+                self._drop(start)
+
+    def _drop(self, start: int) -> None:
+        del self._chunks[start]
+        del self._starts[bisect.bisect_left(self._starts, start)]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._starts.clear()
+        self._unread.clear()
+        self._unhashed.clear()
+        self.for_hash = self.for_readers = 0
