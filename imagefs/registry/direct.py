@@ -41,9 +41,7 @@ from outcome import Outcome
 from .tuning import DIRECT_BODIES, DIRECT_CHUNK, DIRECT_IDLE, FIRST_CHUNK
 
 MAX_HEAD = 64 * 1024
-# Chunk buffers kept for reuse: two per body, plus what an ingest holds in memory a while (32 MiB
-# for its hasher, 32 MiB for readers of chunks it wrote past the page cache).
-POOL = 2 * DIRECT_BODIES + 16
+POOL = 2 * DIRECT_BODIES + 16  # buffers kept: two per body, and what an ingest holds (32 MiB + 32 MiB)
 POOLED_MIN = 64 << 10  # smaller chunks (a short body's) are fresh bytearrays
 # Hop-by-hop or per-request headers a recipe does not replay.
 _DROP = frozenset({b"host", b"range", b"connection", b"content-length", b"transfer-encoding", b"keep-alive", b"te"})
