@@ -71,6 +71,9 @@ def test_budgets_are_counted_apart_and_a_chunk_for_no_one_is_not_kept():
     held.hashed_to(MiB)
     assert not held.starts(0) and held.starts(MiB), "the hasher's chunk goes, the readers' stays"
     assert held.next_start(0) == MiB and held.next_start(MiB) is None
+    held.clear()
+    assert held.uncached.covers(MiB, 2 * MiB), "unread when the writer stopped: only the disk has it"
+    assert held.get(MiB, 10) is None and held.for_readers == held.for_hash == 0
 
 
 async def read_all(w, size: int, step: int) -> bytes:

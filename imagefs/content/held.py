@@ -77,11 +77,14 @@ class Held:
         """``size`` bytes at ``offset`` from memory (a view when one chunk holds them), or None
         if a part is not here. With ``consume``, a chunk whose end the read reaches is no longer
         kept for readers: a stream reads on, and memory is for what it has not read yet."""
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0:
+        try:  # (``pread`` may ask from a worker thread while the trio thread lets chunks go)
+            i = bisect.bisect_right(self._starts, offset) - 1
+            start = self._starts[i] if i >= 0 else -1
+        except IndexError:
             return None
-        start, end = self._starts[i], offset + size
-        chunk = self._chunks[start]
+        chunk, end = self._chunks.get(start), offset + size
+        if chunk is None:
+            return None
         if start + len(chunk) >= end:
             data = memoryview(chunk)[offset - start : end - start]
             if consume and start + len(chunk) == end:
@@ -114,6 +117,8 @@ class Held:
         del self._starts[bisect.bisect_left(self._starts, start)]
 
     def clear(self) -> None:
+        for start in self._unread:  # a reader of a writer that stopped reads them from the disk
+            self.uncached.add(start, start + len(self._chunks[start]))
         self._chunks.clear()
         self._starts.clear()
         self._unread.clear()
