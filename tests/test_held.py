@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from imagefs.content import diskio
-from imagefs.content.held import Held
+from imagefs.content.held import Budget, Held
 from imagefs.content.local import LocalStore
 
 MiB = 1 << 20
@@ -34,7 +34,7 @@ def pooled(data: bytes) -> memoryview:
 
 
 def test_a_chunk_is_served_whole_or_across_its_neighbours_and_let_go_when_read():
-    held = Held(hold=8 * MiB, keep=8 * MiB)
+    held = Held(hold=8 * MiB, keep=Budget(8 * MiB))
     a, b = random.randbytes(MiB), random.randbytes(MiB)
     held.add(0, a, hashing=True, reading=True)
     held.add(MiB, b, hashing=True, reading=True)
@@ -50,7 +50,7 @@ def test_a_chunk_is_served_whole_or_across_its_neighbours_and_let_go_when_read()
 
 
 def test_a_chunk_kept_for_readers_outlives_the_hasher_until_it_is_read():
-    held = Held(hold=8 * MiB, keep=8 * MiB)
+    held = Held(hold=8 * MiB, keep=Budget(8 * MiB))
     chunk = random.randbytes(MiB)
     held.add(0, chunk, hashing=True, reading=True)
     assert held.chain(0) == [chunk]
@@ -61,7 +61,7 @@ def test_a_chunk_kept_for_readers_outlives_the_hasher_until_it_is_read():
 
 
 def test_budgets_are_counted_apart_and_a_chunk_for_no_one_is_not_kept():
-    held = Held(hold=2 * MiB, keep=MiB)
+    held = Held(hold=2 * MiB, keep=Budget(MiB))
     held.add(0, bytes(MiB), hashing=True, reading=False)  # buffered: the hasher's only
     held.add(MiB, bytes(MiB), hashing=False, reading=True)  # past the hold, but written direct
     assert held.for_hash == MiB and held.for_readers == MiB
@@ -73,7 +73,24 @@ def test_budgets_are_counted_apart_and_a_chunk_for_no_one_is_not_kept():
     assert held.next_start(0) == MiB and held.next_start(MiB) is None
     held.clear()
     assert held.uncached.covers(MiB, 2 * MiB), "unread when the writer stopped: only the disk has it"
-    assert held.get(MiB, 10) is None and held.for_readers == held.for_hash == 0
+    assert held.get(MiB, 10) is None and held.for_readers == held.for_hash == held.keep.used == 0
+
+
+async def test_the_readers_budget_is_the_process_s_not_a_blob_s(tmp_path):
+    """Two blobs streamed at once share one budget: the second's chunk past it takes the page cache."""
+    store = LocalStore(tmp_path / "cache")
+    store.kept.limit = 3 * MiB
+    one, two = random.randbytes(2 * MiB), random.randbytes(2 * MiB)
+    with store.writer("layer-one", len(one), "sha256:" + hashlib.sha256(one).hexdigest()) as a, \
+            store.writer("layer-two", len(two), "sha256:" + hashlib.sha256(two).hexdigest()) as b:
+        await a.write_at(0, pooled(one))
+        await b.write_at(0, pooled(two[:MiB]))
+        await b.write_at(MiB, pooled(two[MiB:]))
+        assert store.statistics().bytes_written_direct == 3 * MiB and store.kept.used == 3 * MiB
+        assert bytes(await a.read(0, 2 * MiB)) == one and store.kept.used == MiB, "read: let go"
+        assert bytes(await b.read(0, 2 * MiB)) == two and store.kept.used == 0
+        await a.commit()
+        await b.commit()
 
 
 async def read_all(w, size: int, step: int) -> bytes:

@@ -3,9 +3,9 @@ has but the page cache does not.
 
 A chunk is held for the hasher while it lies ahead of the hashed prefix (up to ``hold`` bytes:
 the ingest reads back what it could not hold). A chunk written with ``O_DIRECT`` is also kept for
-readers until a read reaches its end (up to ``keep`` bytes): it never went through the page cache,
-and on this kind of VM filling fresh page cache is the dearest part of a cold read
-(``bench/pages``). Whatever the disk alone holds is in :attr:`Held.uncached`: a read of it is a
+readers until a read reaches its end (within a :class:`Budget` the process's ingests share): it
+never went through the page cache, and on this kind of VM filling fresh page cache is the dearest
+part of a cold read (``bench/pages``). Whatever the disk alone holds is in :attr:`Held.uncached`: a read of it is a
 disk read, which the ingest does off the trio thread.
 """
 
@@ -16,24 +16,32 @@ import bisect
 from .ranges import RangeSet
 
 
+class Budget:
+    """Bytes kept for readers by every ingest of a process: memory is the process's, not a
+    blob's, and a mount may stream many blobs at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+
+
 class Held:
     """Chunks by offset, each held for the hasher, kept for readers, or both."""
 
-    def __init__(self, hold: int, keep: int) -> None:
+    def __init__(self, hold: int, keep: Budget) -> None:
         self.hold, self.keep = hold, keep
         self._chunks: dict[int, bytes | memoryview] = {}
         self._starts: list[int] = []  # sorted offsets of _chunks
         self._unread: set[int] = set()  # offsets of chunks kept for readers
         self._unhashed: set[int] = set()  # offsets of chunks held for the hasher
         self.for_hash = 0  # bytes of held chunks the hasher has yet to pass
-        self.for_readers = 0  # bytes of chunks kept for readers
+        self.for_readers = 0  # bytes of chunks kept for readers (this ingest's share of ``keep``)
         self.uncached = RangeSet()  # written past the page cache, no longer in memory
 
     def may_hold(self, n: int) -> bool:
         return self.for_hash + n <= self.hold
 
     def may_keep(self, n: int) -> bool:
-        return self.for_readers + n <= self.keep
+        return self.keep.used + n <= self.keep.limit
 
     def add(self, offset: int, chunk: bytes | memoryview, *, hashing: bool, reading: bool) -> None:
         """Hold ``chunk`` for the hasher (``hashing``) and/or keep it for readers (``reading``:
@@ -48,6 +56,7 @@ class Held:
         if reading:
             self._unread.add(offset)
             self.for_readers += len(chunk)
+            self.keep.used += len(chunk)
 
     def chain(self, pos: int) -> list[bytes | memoryview]:
         """The chunks contiguous from ``pos``, for the hasher (they stay held until :meth:`hashed_to`)."""
@@ -108,6 +117,7 @@ class Held:
             self._unread.discard(start)
             n = len(self._chunks[start])
             self.for_readers -= n
+            self.keep.used -= n
             self.uncached.add(start, start + n)
             if start not in self._unhashed:
                 self._drop(start)
@@ -123,4 +133,5 @@ class Held:
         self._starts.clear()
         self._unread.clear()
         self._unhashed.clear()
+        self.keep.used -= self.for_readers
         self.for_hash = self.for_readers = 0

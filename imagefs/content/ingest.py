@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 # the ingest otherwise): about what a sequential reader's next request lands before the current
 # one ends, bounded so a mount stays well under its RSS budget.
 HOLD = 32 << 20
-# Bytes written past the page cache kept for readers until read: what a stream's readahead lands
-# ahead of its reader (a chunk past it goes through the page cache instead).
+# Bytes written past the page cache kept for readers until read, by all of a process's ingests
+# together (LocalStore.kept): what a stream's readahead lands ahead of its reader (a chunk past it
+# goes through the page cache instead).
 KEEP = 32 << 20
 
 
@@ -93,7 +94,7 @@ class LocalWriter:
         self._hash = hashlib.sha256()
         self._hashing = False  # a hash job is running (one at a time: they share the hash object)
         self._hash_done = trio.Event()  # set, and renewed, as each hash job ends
-        self.held = Held(HOLD, KEEP)  # chunks in memory, for the hasher and for readers
+        self.held = Held(HOLD, store.kept)  # chunks in memory, for the hasher and for readers
         self._ops = 0  # writes in worker threads; the fd stays open until they end
         self._changed = trio.Event()
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from ..errors import AlreadyExists, NotFound, Unavailable
 from . import filelock, layout
 from .diskio import atomic_write
-from .ingest import LocalWriter
+from .held import Budget
+from .ingest import KEEP, LocalWriter
 from .labels import now_rfc3339
 from .store import Info
 
@@ -56,6 +57,7 @@ class LocalStore:
         for d in (self.blobs, self.ingests, layout.refs(self.root)):
             d.mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, LocalWriter] = {}
+        self.kept = Budget(KEEP)  # memory for chunks its ingests wrote past the page cache
         self._xattrs_ok: bool | None = None
         self._counts = dict.fromkeys(StoreStatistics.__dataclass_fields__, 0)
 
