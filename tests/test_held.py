@@ -9,7 +9,9 @@ filesystem without O_DIRECT (tmpfs) or an unaligned chunk is written the usual w
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -18,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import trio
 
 from imagefs.content import diskio
 from imagefs.content.held import Budget, Held
 from imagefs.content.local import LocalStore
+from imagefs.errors import StorageError
 
 MiB = 1 << 20
 
@@ -38,14 +42,15 @@ def test_a_chunk_is_served_whole_or_across_its_neighbours_and_let_go_when_read()
     a, b = random.randbytes(MiB), random.randbytes(MiB)
     held.add(0, a, hashing=True, reading=True)
     held.add(MiB, b, hashing=True, reading=True)
-    inside = held.get(100, 4096)
+    [inside] = held.pieces(100, 4096)
     assert isinstance(inside, memoryview) and inside == a[100:4196]
-    assert bytes(held.get(MiB - 10, 20)) == a[-10:] + b[:10]  # across two chunks: joined
+    assert b"".join(held.pieces(MiB - 10, 20)) == a[-10:] + b[:10]  # across two chunks
     assert held.for_readers == MiB, "the read reached a's end: no longer kept for readers"
     assert held.starts(0), "...but still held for the hasher"
     held.hashed_to(MiB)
     assert not held.starts(0) and held.uncached.covers(0, MiB), "hashed and read: only the disk has it"
-    assert held.get(0, 10) is None
+    assert held.pieces(0, 10) == [(0, 10)], "a part memory does not hold: the disk has it"
+    assert [bytes(p) if isinstance(p, memoryview) else p for p in held.pieces(MiB - 5, 10)] == [(MiB - 5, 5), b[:5]]
     assert held.starts(MiB) and held.for_hash == MiB
 
 
@@ -56,7 +61,7 @@ def test_a_chunk_kept_for_readers_outlives_the_hasher_until_it_is_read():
     assert held.chain(0) == [chunk]
     held.hashed_to(MiB)
     assert held.for_hash == 0 and held.for_readers == MiB
-    assert held.get(0, MiB) == chunk  # a reader still finds it
+    assert held.pieces(0, MiB) == [chunk]  # a reader still finds it
     assert held.for_readers == 0 and not held.starts(0)
 
 
@@ -73,7 +78,20 @@ def test_budgets_are_counted_apart_and_a_chunk_for_no_one_is_not_kept():
     assert held.next_start(0) == MiB and held.next_start(MiB) is None
     held.clear()
     assert held.uncached.covers(MiB, 2 * MiB), "unread when the writer stopped: only the disk has it"
-    assert held.get(MiB, 10) is None and held.for_readers == held.for_hash == held.keep.used == 0
+    assert held.pieces(MiB, 10) == [(MiB, 10)] and held.for_readers == held.for_hash == held.keep.used == 0
+
+
+def test_a_chunk_on_its_way_to_the_disk_stays_until_written_or_forgotten():
+    held = Held(hold=8 * MiB, keep=Budget(8 * MiB))
+    a, b = random.randbytes(MiB), random.randbytes(MiB)
+    held.add(0, a, hashing=False, reading=True, writing=True)
+    held.add(MiB, b, hashing=True, reading=True, writing=True)
+    assert b"".join(held.pieces(0, MiB)) == a and held.for_readers == MiB
+    assert held.starts(0), "read, but its write is in flight: memory is the only copy"
+    held.written(0)
+    assert not held.starts(0)
+    held.forget(MiB)  # its write failed
+    assert not held.starts(MiB) and held.for_hash == held.for_readers == held.keep.used == 0
 
 
 async def test_the_readers_budget_is_the_process_s_not_a_blob_s(tmp_path):
@@ -86,6 +104,8 @@ async def test_the_readers_budget_is_the_process_s_not_a_blob_s(tmp_path):
         await a.write_at(0, pooled(one))
         await b.write_at(0, pooled(two[:MiB]))
         await b.write_at(MiB, pooled(two[MiB:]))
+        await a.drain()
+        await b.drain()
         assert store.statistics().bytes_written_direct == 3 * MiB and store.kept.used == 3 * MiB
         assert bytes(await a.read(0, 2 * MiB)) == one and store.kept.used == MiB, "read: let go"
         assert bytes(await b.read(0, 2 * MiB)) == two and store.kept.used == 0
@@ -109,6 +129,7 @@ async def test_aligned_chunks_go_past_the_page_cache_and_readers_get_them_from_m
         for off in range(0, len(data), 2 * MiB):
             piece = data[off : off + 2 * MiB]
             await w.write_at(off, pooled(piece) if len(piece) == 2 * MiB else piece)  # the tail: unaligned
+        await w.drain()
         stats = store.statistics()
         assert stats.bytes_written_direct == 6 * MiB
         assert await read_all(w, len(data), 768 << 10) == data
@@ -136,6 +157,7 @@ async def test_no_o_direct_or_no_alignment_means_the_usual_buffered_write(tmp_pa
             direct = w.direct_fd >= 0
             await w.write_at(0, pooled(data[: 2 * MiB]))
             await w.write_at(2 * MiB, pooled(data[2 * MiB :])[0:])
+            await w.drain()
             assert bytes(await w.read(0, len(data))) == data
             await w.commit()
         # tmpfs may or may not take O_DIRECT (Linux >= 6.6 does): either way the bytes are right,
@@ -149,6 +171,7 @@ async def test_no_o_direct_or_no_alignment_means_the_usual_buffered_write(tmp_pa
         await w.write_at(0, pooled(data[:4096]))
         await w.write_at(4096, pooled(data[4096 : 4096 + 100]))  # unaligned length
         await w.write_at(4196, pooled(b"\0" * 4096 + data[4196:])[4096:])  # unaligned offset and memory
+        await w.drain()
         assert store.statistics().bytes_written_direct == 4096
         assert bytes(await w.read(0, len(data))) == data
         await w.commit()
@@ -168,6 +191,51 @@ async def test_a_device_that_refuses_the_alignment_gets_a_buffered_write(tmp_pat
 
         monkeypatch.setattr(diskio.os, "pwrite", picky)
         await w.write_at(0, pooled(data))
+        await w.drain()
         assert refused == [0] and store.statistics().bytes_written_direct == 0
         assert bytes(await w.read(0, len(data))) == data
+        await w.commit()
+
+
+async def test_a_write_behind_serves_readers_at_once_and_a_failed_one_is_fetched_again(tmp_path, monkeypatch):
+    """A chunk written past the page cache is present, and served from memory, before its write
+    ends; the state file records only what is on disk. A write the disk refuses takes its bytes
+    out of ``present`` (a read fetches them again), fails the fetch's next write, and makes the
+    commit a disk error, never a verification failure."""
+    real, gate = diskio.land, trio.Event()
+    token = None
+
+    def slow_land(fd, direct_fd, data, offset):  # a worker thread: the disk is slow today
+        trio.from_thread.run(gate.wait, trio_token=token)
+        return real(fd, direct_fd, data, offset)
+
+    token = trio.lowlevel.current_trio_token()
+    monkeypatch.setattr(diskio, "land", slow_land)
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(2 * MiB)
+    with store.writer("layer-behind", len(data), "sha256:" + hashlib.sha256(data).hexdigest()) as w:
+        await w.write_at(0, pooled(data[:MiB]))
+        assert w.present.covers(0, MiB) and bytes(await w.read(0, MiB)) == data[:MiB]
+        w.save()
+        assert json.loads(w.state_path.read_text())["present"] == [], "not on disk yet: not recorded"
+        gate.set()
+        await w.drain()
+        w.save()
+        assert json.loads(w.state_path.read_text())["present"] == [[0, MiB]]
+        assert bytes(await w.read(0, MiB)) == data[:MiB], "let go from memory: read from the disk"
+
+        def full(fd, direct_fd, buf, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(diskio, "land", full)
+        await w.write_at(MiB, pooled(data[MiB:]))
+        await w.drain()
+        assert not w.present.covers(MiB, 2 * MiB) and not w.complete
+        with pytest.raises(StorageError, match="No space left"):
+            await w.write_at(MiB, pooled(data[MiB:]))
+        with pytest.raises(StorageError, match="No space left"):
+            await w.verify()
+        assert store.statistics().verify_failures == 0
+        monkeypatch.setattr(diskio, "land", real)
+        await w.write_at(MiB, pooled(data[MiB:]))  # fetched again: the disk has room now
         await w.commit()

@@ -93,3 +93,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def joined(parts: list, fd: int) -> bytes | memoryview:
+    """The bytes of :meth:`.held.Held.pieces`: views as they are, ``(pos, n)`` read from ``fd``."""
+    if len(parts) == 1 and not isinstance(parts[0], tuple):
+        return parts[0]
+    return b"".join(os.pread(fd, p[1], p[0]) if isinstance(p, tuple) else p for p in parts)

@@ -33,6 +33,7 @@ class Held:
         self._starts: list[int] = []  # sorted offsets of _chunks
         self._unread: set[int] = set()  # offsets of chunks kept for readers
         self._unhashed: set[int] = set()  # offsets of chunks held for the hasher
+        self._writing: set[int] = set()  # offsets of chunks whose disk write is in flight: only here
         self.for_hash = 0  # bytes of held chunks the hasher has yet to pass
         self.for_readers = 0  # bytes of chunks kept for readers (this ingest's share of ``keep``)
         self.uncached = RangeSet()  # written past the page cache, no longer in memory
@@ -43,10 +44,11 @@ class Held:
     def may_keep(self, n: int) -> bool:
         return self.keep.used + n <= self.keep.limit
 
-    def add(self, offset: int, chunk: bytes | memoryview, *, hashing: bool, reading: bool) -> None:
+    def add(self, offset: int, chunk: bytes | memoryview, *, hashing: bool, reading: bool, writing: bool = False) -> None:
         """Hold ``chunk`` for the hasher (``hashing``) and/or keep it for readers (``reading``:
-        it was written past the page cache)."""
-        if not (hashing or reading) or offset in self._chunks:
+        it goes past the page cache), and in any case while its disk write is in flight
+        (``writing``: until :meth:`written`)."""
+        if not (hashing or reading or writing) or offset in self._chunks:
             return
         self._chunks[offset] = chunk
         bisect.insort(self._starts, offset)
@@ -57,6 +59,28 @@ class Held:
             self._unread.add(offset)
             self.for_readers += len(chunk)
             self.keep.used += len(chunk)
+        if writing:
+            self._writing.add(offset)
+
+    def written(self, offset: int) -> None:
+        """The chunk at ``offset`` is on disk."""
+        self._writing.discard(offset)
+        self._let_go(offset)
+
+    def forget(self, offset: int) -> None:
+        """The chunk at ``offset`` could not be written: let it go, whatever it was kept for."""
+        chunk = self._chunks.get(offset)
+        if chunk is None:
+            return
+        if offset in self._unhashed:
+            self._unhashed.discard(offset)
+            self.for_hash -= len(chunk)
+        if offset in self._unread:
+            self._unread.discard(offset)
+            self.for_readers -= len(chunk)
+            self.keep.used -= len(chunk)
+        self._writing.discard(offset)
+        self._drop(offset)
 
     def chain(self, pos: int) -> list[bytes | memoryview]:
         """The chunks contiguous from ``pos``, for the hasher (they stay held until :meth:`hashed_to`)."""
@@ -79,38 +103,31 @@ class Held:
         for start in [s for s in self._unhashed if s + len(self._chunks[s]) <= pos]:
             self._unhashed.discard(start)
             self.for_hash -= len(self._chunks[start])
-            if start not in self._unread:
-                self._drop(start)
+            self._let_go(start)
 
-    def get(self, offset: int, size: int, *, consume: bool = True) -> bytes | memoryview | None:
-        """``size`` bytes at ``offset`` from memory (a view when one chunk holds them), or None
-        if a part is not here. With ``consume``, a chunk whose end the read reaches is no longer
-        kept for readers: a stream reads on, and memory is for what it has not read yet."""
-        try:  # (``pread`` may ask from a worker thread while the trio thread lets chunks go)
-            i = bisect.bisect_right(self._starts, offset) - 1
-            start = self._starts[i] if i >= 0 else -1
-        except IndexError:
-            return None
-        chunk, end = self._chunks.get(start), offset + size
-        if chunk is None:
-            return None
-        if start + len(chunk) >= end:
-            data = memoryview(chunk)[offset - start : end - start]
-            if consume and start + len(chunk) == end:
-                self._read(start)
-            return data
-        parts, pos = [], offset
-        while pos < end:
+    def pieces(self, offset: int, size: int, *, consume: bool = True) -> list[memoryview | tuple[int, int]]:
+        """``[offset, offset + size)`` in order: a view of each chunk in memory that holds a part,
+        and ``(pos, n)`` for each part memory does not hold (the disk has it). With ``consume``,
+        a chunk whose end the read reaches is no longer kept for readers: a stream reads on, and
+        memory is for what it has not read yet. (``pread`` asks from a worker thread, without
+        ``consume``, while the trio thread may let chunks go: it reads a copy of the offsets.)"""
+        end, pos, out = offset + size, offset, []
+        first = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+        for start in self._starts[first : bisect.bisect_left(self._starts, end)]:
             chunk = self._chunks.get(start)
             if chunk is None or start + len(chunk) <= pos:
-                return None
-            parts.append(memoryview(chunk)[pos - start : min(end, start + len(chunk)) - start])
-            pos, start = start + len(chunk), start + len(chunk)
-        if consume:
-            for s in self._starts[i : bisect.bisect_left(self._starts, end)]:
-                if s + len(self._chunks[s]) <= end:
-                    self._read(s)
-        return b"".join(parts)
+                continue
+            if start > pos:
+                out.append((pos, start - pos))
+                pos = start
+            stop = min(end, start + len(chunk))
+            out.append(memoryview(chunk)[pos - start : stop - start])
+            pos = stop
+            if consume and start + len(chunk) <= end:
+                self._read(start)
+        if pos < end:
+            out.append((pos, end - pos))
+        return out
 
     def _read(self, start: int) -> None:
         if start in self._unread:
@@ -119,8 +136,12 @@ class Held:
             self.for_readers -= n
             self.keep.used -= n
             self.uncached.add(start, start + n)
-            if start not in self._unhashed:
-                self._drop(start)
+            self._let_go(start)
+
+    def _let_go(self, start: int) -> None:
+        """Drop the chunk at ``start`` once no one needs it in memory."""
+        if start in self._chunks and not (start in self._unread or start in self._unhashed or start in self._writing):
+            self._drop(start)
 
     def _drop(self, start: int) -> None:
         del self._chunks[start]
@@ -133,5 +154,6 @@ class Held:
         self._starts.clear()
         self._unread.clear()
         self._unhashed.clear()
+        self._writing.clear()
         self.keep.used -= self.for_readers
         self.for_hash = self.for_readers = 0

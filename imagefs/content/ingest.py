@@ -6,18 +6,15 @@
     CACHE/ingest/<ref key>/state   ref, digest, size, and which ranges are present: a later process resumes
 
 Every byte is hashed once, from memory, by one hasher working in order in a worker thread of its
-own: each chunk is written the same way wherever it lands (in order, or ahead with the next Range
-request of a sequential reader) and held in memory, up to :data:`HOLD` bytes, until the hashed
-prefix reaches it. A write that would pass the hold waits for the hasher instead; only what could
-not be held (ahead of a gap the hasher cannot cross) or a resumed ingest is read back from the file.
-Why one hasher: a request whose writes also hashed ran at a third of the speed of the one behind
-it, which then raced ahead, overflowed the hold and was read back. The commit checks size and
-digest before the blob becomes permanent.
+own: each chunk is held in memory, up to :data:`HOLD` bytes, until the hashed prefix reaches it; a
+write that would pass the hold waits for the hasher (a request that also hashed ran at a third of
+the speed of the one behind it, which overflowed the hold). Only what could not be held, or a
+resumed ingest, is read back. The commit checks size and digest before the blob is permanent.
 
-A page-aligned chunk (the direct path's pooled buffers) is written with ``O_DIRECT`` and kept in
-memory, up to :data:`KEEP` bytes, until a read reaches its end: no fresh page cache is filled
-for bytes a reader gets from memory anyway. On this VM that fill was the dearest part of a cold
-read (``bench/pages``: 0.2-2.4 CPU s/GiB buffered, 0.05 with ``O_DIRECT``). See :mod:`.held`.
+A page-aligned chunk (the direct path's pooled maps) is written behind, with ``O_DIRECT`` in a
+worker thread: it is present, and served from memory, at once, and kept (:data:`KEEP`) until a
+read reaches its end. No fresh page cache is filled for it — on this VM the dearest part of a cold
+read (``bench/pages``) — and the fetch never waits for the disk. See :mod:`.held`.
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ import trio
 from ..errors import DigestMismatch, StorageError, WriterClosed
 from . import diskio, filelock, layout
 from .diskio import atomic_write, hash_chunks
+from .behind import WriteBehind
 from .held import Held
 from .labels import now_rfc3339
 from .ranges import RangeSet
@@ -54,13 +52,16 @@ HOLD = 32 << 20
 # together (LocalStore.kept): what a stream's readahead lands ahead of its reader (a chunk past it
 # goes through the page cache instead).
 KEEP = 32 << 20
+# O_DIRECT writes of one ingest in flight, at most: the chunks are served from memory meanwhile, so
+# the fetch never waits for the disk; past this (the disk is behind) a chunk takes the page cache.
+WRITING = 16 << 20
 
 
 class LocalWriter:
     """The single writer of one blob: bytes land at any offset in a sparse ingest file.
 
-    ``present`` records which ranges are on disk and is saved beside the data, so a later process
-    resumes a partial blob instead of starting over. The contiguous prefix is hashed off the trio
+    ``present`` records which ranges readers may read (on disk, or in memory on their way there);
+    what is on disk is saved beside the data, so a later process resumes a partial blob. The contiguous prefix is hashed off the trio
     thread as it grows (:meth:`hash_prefix`); :meth:`commit` checks size and digest before the blob
     becomes permanent. Readers in the same process follow ``present`` and wake on
     :meth:`wait_changed`. Leaving the ``with`` block without :meth:`commit` discards the data —
@@ -80,6 +81,7 @@ class LocalWriter:
         self.data_path = layout.ingest_data(store.root, ref)
         self.state_path = layout.ingest_state(store.root, ref)
         self.fd = self.direct_fd = -1
+        self.behind = WriteBehind(WRITING)  # O_DIRECT writes in flight
         try:
             self.present = self._resume() or RangeSet()
             self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,6 +97,8 @@ class LocalWriter:
         self._hashing = False  # a hash job is running (one at a time: they share the hash object)
         self._hash_done = trio.Event()  # set, and renewed, as each hash job ends
         self.held = Held(HOLD, store.kept)  # chunks in memory, for the hasher and for readers
+        self._lost: Exception | None = None  # the last write that failed: bytes present no more
+        self._refused: Exception | None = None  # ...not yet raised by a write_at (its fetch fails)
         self._ops = 0  # writes in worker threads; the fd stays open until they end
         self._changed = trio.Event()
 
@@ -116,7 +120,7 @@ class LocalWriter:
 
     def _save_state(self) -> None:
         state = {"ref": self.ref, "digest": self.digest, "size": self.size, "started": self.started_at,
-                 "present": self.present.ranges()}
+                 "present": self.behind.on_disk(self.present).ranges()}
         atomic_write(self.state_path, json.dumps(state).encode())
 
     def __enter__(self) -> "LocalWriter":
@@ -144,30 +148,55 @@ class LocalWriter:
         await self.write_at(self.offset, data)
 
     async def write_at(self, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` (the disk write off the trio thread) and hold it for the hasher."""
+        """Land ``data`` at ``offset`` (the disk write off the trio thread, or behind it) for readers and the hasher."""
         if self.closed:
             raise self.error or WriterClosed(f"{self.ref}: writer is closed")
         if offset + len(data) > self.size:
             raise DigestMismatch(f"{self.ref}: registry sent more than the {self.size} bytes the descriptor says")
+        if self._refused is not None:  # a write behind failed: this fetch fails, as if it were this one
+            exc, self._refused = self._refused, None
+            raise _unwritable(self.ref, exc) from exc
         held, n = self.held, len(data)
         while self._hashing and offset >= self.hashed and not held.may_hold(n):
             await self._hash_done.wait()  # the hasher frees the hold as it goes: wait rather than read back
-        direct = self.direct_fd if held.may_keep(n) and diskio.aligned(data, offset) else -1
-        self._ops += 1
-        try:
-            direct = await trio.to_thread.run_sync(diskio.land, self.fd, direct, data, offset)
-        finally:
-            self._ops -= 1
+        hashing = offset >= self.hashed and held.may_hold(n)
+        if self.direct_fd >= 0 and self.behind.room(n) and held.may_keep(n) and diskio.aligned(data, offset):
+            held.add(offset, data, hashing=hashing, reading=True, writing=True)
+            self._ops += 1
+            self.behind.start(self.fd, self.direct_fd, offset, data, self._wrote)
+        else:
+            self._ops += 1
+            try:
+                await trio.to_thread.run_sync(diskio.land, self.fd, -1, data, offset)
+            finally:
+                self._ops -= 1
+                if self.closed:
+                    self._close_fd()
             if self.closed:
-                self._close_fd()
-        if self.closed:
-            raise self.error or WriterClosed(f"{self.ref}: writer is closed")
-        held.add(offset, data, hashing=offset >= self.hashed and held.may_hold(n), reading=direct)
-        if direct:
-            self.store.count("bytes_written_direct", n)
+                raise self.error or WriterClosed(f"{self.ref}: writer is closed")
+            held.add(offset, data, hashing=hashing, reading=False)
         self.present.add(offset, offset + n)
         self.notify()
         self._hash_held()
+
+    def _wrote(self, offset: int, n: int, outcome) -> None:
+        self._ops -= 1
+        try:
+            if outcome.unwrap():
+                self.store.count("bytes_written_direct", n)
+            self.held.written(offset)
+        except Exception as exc:  # not on disk after all: no longer present, a read fetches it again
+            log.error("%s: cannot write bytes %d-%d of the ingest: %s", self.ref, offset, offset + n - 1, exc)
+            self.held.forget(offset)
+            self.present.remove(offset, offset + n)
+            self._lost = self._refused = exc
+        if self.closed and self._ops == 0:
+            self._close_fd()
+        self.notify()
+
+    async def drain(self) -> None:
+        """Wait until every write in flight has reached the disk (or failed)."""
+        await self.behind.drain()
 
     def _hash_held(self) -> None:
         """Hash the held chunks that continue the hashed prefix in a worker thread, unless a hash
@@ -215,25 +244,25 @@ class LocalWriter:
                 log.warning("%s: cannot record progress: %s", self.ref, exc)
 
     def pread(self, offset: int, size: int) -> bytes | memoryview:
-        """Bytes already written (callers check ``present`` first), from memory if a chunk still
-        holds them, else by ``pread`` (blocking: it may read the disk)."""
-        data = self.held.get(offset, size, consume=False)
-        return data if data is not None else os.pread(self.fd, size, offset)
+        """Bytes already present (callers check ``present`` first): from the chunks in memory,
+        the rest by ``pread`` (blocking: it may read the disk)."""
+        return diskio.joined(self.held.pieces(offset, size, consume=False), self.fd)
 
     async def read(self, offset: int, size: int) -> bytes | memoryview:
-        """What a reader is served: from memory (a view, no copy, when one chunk holds it; the
-        chunk is let go once a read reaches its end), else by an inline ``pread`` of the page
-        cache, or one in a worker thread for bytes only the disk has."""
-        data = self.held.get(offset, size)
-        if data is not None:
-            self.store.count("bytes_served_from_memory", size)
-            return data
-        if not self.held.uncached.overlaps(offset, offset + size):
-            return os.pread(self.fd, size, offset)
-        self.store.count("bytes_served_from_disk", size)
+        """What a reader is served: from memory (a view, no copy, when one chunk holds it; a
+        chunk is let go once a read reaches its end), the rest by an inline ``pread`` of the page
+        cache, or in a worker thread where only the disk has the bytes."""
+        parts = self.held.pieces(offset, size)
+        gaps = [p for p in parts if isinstance(p, tuple)]
+        self.store.count("bytes_served_from_memory", size - sum(n for _, n in gaps))
+        if len(parts) == 1 and not gaps:
+            return parts[0]
+        if not any(self.held.uncached.overlaps(pos, pos + n) for pos, n in gaps):
+            return diskio.joined(parts, self.fd)
+        self.store.count("bytes_served_from_disk", sum(n for _, n in gaps))
         self._ops += 1
         try:
-            return await trio.to_thread.run_sync(os.pread, self.fd, size, offset)
+            return await trio.to_thread.run_sync(diskio.joined, parts, self.fd)
         finally:
             self._ops -= 1
             if self.closed:
@@ -278,6 +307,9 @@ class LocalWriter:
         """
         if self.verified:
             return
+        await self.drain()
+        if not self.complete and self._lost is not None:  # the disk, not the bytes: not a mismatch
+            raise _unwritable(self.ref, self._lost)
         if not self.complete:
             self.store.count("verify_failures")
             raise DigestMismatch(f"{self.ref}: got {self.present.total()} bytes, descriptor says {self.size}")
@@ -344,3 +376,7 @@ class LocalWriter:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.direct_fd = -1
+
+
+def _unwritable(ref: str, exc: Exception) -> StorageError:
+    return StorageError(f"{ref}: cannot write the ingest: {getattr(exc, 'strerror', None) or exc}")
