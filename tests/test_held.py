@@ -239,3 +239,50 @@ async def test_a_write_behind_serves_readers_at_once_and_a_failed_one_is_fetched
         monkeypatch.setattr(diskio, "land", real)
         await w.write_at(MiB, pooled(data[MiB:]))  # fetched again: the disk has room now
         await w.commit()
+
+
+async def test_a_writer_closed_under_two_thread_ops_keeps_its_fd_until_the_last_ends(tmp_path, monkeypatch):
+    """A disk read and a write in worker threads when the writer is aborted: the one that ends first
+    must not close the descriptor under the other (it did: EBADF in a mount's log)."""
+    import threading
+
+    store = LocalStore(tmp_path / "cache")
+    data = random.randbytes(2 * MiB)
+    reading, writing = threading.Event(), threading.Event()
+    real_joined, real_land = diskio.joined, diskio.land
+
+    def slow_joined(parts, fd):
+        reading.wait(10)
+        return real_joined(parts, fd)
+
+    def slow_land(fd, direct_fd, buf, offset):
+        writing.wait(10)
+        return real_land(fd, direct_fd, buf, offset)
+
+    w = store.writer("layer-ops", len(data), "sha256:" + hashlib.sha256(data).hexdigest())
+    await w.write_at(0, pooled(data[:MiB]))
+    await w.drain()
+    assert bytes(await w.read(0, MiB)) == data[:MiB]  # read to its end: let go; only the disk has it now
+    monkeypatch.setattr(diskio, "joined", slow_joined)
+    monkeypatch.setattr(diskio, "land", slow_land)
+    got, refused = [], []
+
+    async def read():
+        got.append(bytes(await w.read(0, MiB)))
+
+    async def write():
+        try:
+            await w.write_at(MiB, data[MiB:])  # bytes: a buffered write in a worker thread
+        except Exception as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        nursery.start_soon(write)
+        await trio.sleep(0.1)
+        w.abort(StorageError("stopped"))
+        writing.set()  # the write ends first...
+        await trio.sleep(0.1)
+        reading.set()  # ...and the read must still have its descriptor
+    assert got == [data[:MiB]] and isinstance(refused[0], StorageError)
+    assert w.fd == -1, "closed once the last one ended"

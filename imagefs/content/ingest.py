@@ -99,7 +99,7 @@ class LocalWriter:
         self.held = Held(HOLD, store.kept)  # chunks in memory, for the hasher and for readers
         self._lost: Exception | None = None  # the last write that failed: bytes present no more
         self._refused: Exception | None = None  # ...not yet raised by a write_at (its fetch fails)
-        self._ops = 0  # writes in worker threads; the fd stays open until they end
+        self._ops = 0  # writes and reads in worker threads; the fds stay open until the last one ends
         self._changed = trio.Event()
 
     def _resume(self) -> RangeSet | None:
@@ -169,9 +169,7 @@ class LocalWriter:
             try:
                 await trio.to_thread.run_sync(diskio.land, self.fd, -1, data, offset)
             finally:
-                self._ops -= 1
-                if self.closed:
-                    self._close_fd()
+                self._op_done()
             if self.closed:
                 raise self.error or WriterClosed(f"{self.ref}: writer is closed")
             held.add(offset, data, hashing=hashing, reading=False)
@@ -180,7 +178,6 @@ class LocalWriter:
         self._hash_held()
 
     def _wrote(self, offset: int, n: int, outcome) -> None:
-        self._ops -= 1
         try:
             if outcome.unwrap():
                 self.store.count("bytes_written_direct", n)
@@ -190,8 +187,7 @@ class LocalWriter:
             self.held.forget(offset)
             self.present.remove(offset, offset + n)
             self._lost = self._refused = exc
-        if self.closed and self._ops == 0:
-            self._close_fd()
+        self._op_done()
         self.notify()
 
     async def drain(self) -> None:
@@ -264,9 +260,7 @@ class LocalWriter:
         try:
             return await trio.to_thread.run_sync(diskio.joined, parts, self.fd)
         finally:
-            self._ops -= 1
-            if self.closed:
-                self._close_fd()
+            self._op_done()
 
     async def hash_prefix(self) -> None:
         """Hash the whole present prefix: held chunks by the hasher, the rest read back from the
@@ -370,6 +364,13 @@ class LocalWriter:
         if self._ops == 0:
             self._close_fd()
         self.notify()
+
+    def _op_done(self) -> None:
+        """A write or read in a worker thread ended: the last one out of a closed writer closes the
+        fds (one closing under another's read was an EBADF)."""
+        self._ops -= 1
+        if self.closed and self._ops == 0:
+            self._close_fd()
 
     def _close_fd(self) -> None:
         for fd in (self.fd, self.direct_fd):
