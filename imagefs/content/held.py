@@ -112,8 +112,9 @@ class Held:
         memory is for what it has not read yet. (``pread`` asks from a worker thread, without
         ``consume``, while the trio thread may let chunks go: it reads a copy of the offsets.)"""
         end, pos, out = offset + size, offset, []
-        first = max(bisect.bisect_right(self._starts, offset) - 1, 0)
-        for start in self._starts[first : bisect.bisect_left(self._starts, end)]:
+        starts = self._starts.copy()  # one snapshot (the GIL makes the copy whole)
+        first = max(bisect.bisect_right(starts, offset) - 1, 0)
+        for start in starts[first : bisect.bisect_left(starts, end)]:
             chunk = self._chunks.get(start)
             if chunk is None or start + len(chunk) <= pos:
                 continue
