@@ -31,6 +31,9 @@ MAX_REQUESTS_PER_BLOB = 3
 # hide a registry's 10-30 ms to a first byte, little enough that what lands ahead of the hashed
 # prefix fits the ingest's in-memory hold (content/ingest.py HOLD) instead of being read back.
 LEAD = 24 << 20
+# A stream's requests end on a MiB (unless at the blob's or a member's end), wherever its reads
+# fall: the next one then starts on a page, and its chunks can be written with O_DIRECT.
+ALIGN = 1 << 20
 RECORD_INTERVAL = 0.5  # seconds: a killed mount loses at most this long's record of landed bytes
 
 
@@ -81,7 +84,7 @@ class BlobFetch:
         past ``limit`` (a member's end). One request at a time, paced by :data:`LEAD`, so the
         bytes of a stream land nearly in order."""
         size = self.desc.size if limit is None else min(limit, self.desc.size)
-        horizon = min(size, end + window)
+        horizon = min(size, max(end, (end + window) // ALIGN * ALIGN))
         frontier = self.frontier(end, horizon)
         due = frontier < min(size, end + window // 2) + 1 or frontier < horizon and not self.requests
         if due and self.in_flight() <= LEAD:
