@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -244,8 +245,6 @@ async def test_a_write_behind_serves_readers_at_once_and_a_failed_one_is_fetched
 async def test_a_writer_closed_under_two_thread_ops_keeps_its_fd_until_the_last_ends(tmp_path, monkeypatch):
     """A disk read and a write in worker threads when the writer is aborted: the one that ends first
     must not close the descriptor under the other (it did: EBADF in a mount's log)."""
-    import threading
-
     store = LocalStore(tmp_path / "cache")
     data = random.randbytes(2 * MiB)
     reading, writing = threading.Event(), threading.Event()

@@ -5,8 +5,9 @@ A chunk is held for the hasher while it lies ahead of the hashed prefix (up to `
 the ingest reads back what it could not hold). A chunk written with ``O_DIRECT`` is also kept for
 readers until a read reaches its end (within a :class:`Budget` the process's ingests share): it
 never went through the page cache, and on this kind of VM filling fresh page cache is the dearest
-part of a cold read (``bench/pages``). Whatever the disk alone holds is in :attr:`Held.uncached`: a read of it is a
-disk read, which the ingest does off the trio thread.
+part of a cold read (``bench/pages``). A chunk whose write is in flight stays until it ends.
+Whatever the disk alone holds is in :attr:`Held.uncached`: a read of it is a disk read, which the
+ingest does off the trio thread.
 """
 
 from __future__ import annotations

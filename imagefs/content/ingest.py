@@ -61,9 +61,9 @@ class LocalWriter:
     """The single writer of one blob: bytes land at any offset in a sparse ingest file.
 
     ``present`` records which ranges readers may read (on disk, or in memory on their way there);
-    what is on disk is saved beside the data, so a later process resumes a partial blob. The contiguous prefix is hashed off the trio
-    thread as it grows (:meth:`hash_prefix`); :meth:`commit` checks size and digest before the blob
-    becomes permanent. Readers in the same process follow ``present`` and wake on
+    what is on disk is saved beside the data, so a later process resumes a partial blob. The
+    contiguous prefix is hashed off the trio thread as it grows (:meth:`hash_prefix`);
+    :meth:`commit` checks size and digest before the blob becomes permanent. Readers in the same process follow ``present`` and wake on
     :meth:`wait_changed`. Leaving the ``with`` block without :meth:`commit` discards the data —
     unless it was verified: then it is kept for a later process, as :meth:`suspend` keeps it.
     """
@@ -160,12 +160,11 @@ class LocalWriter:
         while self._hashing and offset >= self.hashed and not held.may_hold(n):
             await self._hash_done.wait()  # the hasher frees the hold as it goes: wait rather than read back
         hashing = offset >= self.hashed and held.may_hold(n)
+        self._ops += 1  # ended by _op_done: here, or in _wrote for a write behind
         if self.direct_fd >= 0 and self.behind.room(n) and held.may_keep(n) and diskio.aligned(data, offset):
             held.add(offset, data, hashing=hashing, reading=True, writing=True)
-            self._ops += 1
             self.behind.start(self.fd, self.direct_fd, offset, data, self._wrote)
         else:
-            self._ops += 1
             try:
                 await trio.to_thread.run_sync(diskio.land, self.fd, -1, data, offset)
             finally:
@@ -250,12 +249,11 @@ class LocalWriter:
         cache, or in a worker thread where only the disk has the bytes."""
         parts = self.held.pieces(offset, size)
         gaps = [p for p in parts if isinstance(p, tuple)]
-        self.store.count("bytes_served_from_memory", size - sum(n for _, n in gaps))
-        if len(parts) == 1 and not gaps:
-            return parts[0]
+        from_disk = sum(n for _, n in gaps)
+        self.store.count("bytes_served_from_memory", size - from_disk)
         if not any(self.held.uncached.overlaps(pos, pos + n) for pos, n in gaps):
-            return diskio.joined(parts, self.fd)
-        self.store.count("bytes_served_from_disk", sum(n for _, n in gaps))
+            return diskio.joined(parts, self.fd)  # all in memory (one chunk: its view), or the page cache
+        self.store.count("bytes_served_from_disk", from_disk)
         self._ops += 1
         try:
             return await trio.to_thread.run_sync(diskio.joined, parts, self.fd)
