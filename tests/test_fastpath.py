@@ -23,6 +23,7 @@ from imagefs.descriptors import OCI_LAYER_GZIP, Descriptor
 from imagefs.testing import images as im
 from imagefs.testing.push import push
 from imagefs.reference import parse
+from imagefs.registry import chunkpool
 from imagefs.registry.client import RegistryClient
 from imagefs.registry.tuning import DIRECT_BODIES, DIRECT_CHUNK
 from tests.support import Proxy
@@ -65,16 +66,17 @@ async def test_open_direct_bodies_are_bounded(proxy, images):
             streams = [await stack.enter_async_context(client.open(desc, i * MiB, (i + 1) * MiB))
                        for i in range(DIRECT_BODIES + 1)]
             assert client._direct.requests == DIRECT_BODIES
-            assert client._direct.bodies == DIRECT_BODIES
+            assert client._direct.pool.bodies == DIRECT_BODIES
             for i, stream in enumerate(streams):
                 assert b"".join([bytes(c) async for c in stream]) == data[i * MiB : (i + 1) * MiB]
-        assert client._direct.bodies == 0
+        assert client._direct.pool.bodies == 0
 
 
-async def test_chunk_buffers_are_reused_only_once_nobody_holds_them(proxy):
+async def test_chunk_buffers_are_reused_only_once_nobody_holds_them(proxy, monkeypatch):
     """Chunk buffers are pooled page-aligned maps (a fresh one costs a page fault per 4 KiB, and an
     aligned one can be written with O_DIRECT): one a caller still holds is never handed out again,
-    and one it dropped is."""
+    and one it dropped is; the pool outlives a stream, not an idle while."""
+    monkeypatch.setattr(chunkpool, "IDLE", 0.3)
     layer = im.random_layer(40 * MiB, seed=11, path="opt/big.bin")
     push(proxy.host, "test/pool", im.image([layer]), "v1")
     desc, data = Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size), layer.data
@@ -86,15 +88,40 @@ async def test_chunk_buffers_are_reused_only_once_nobody_holds_them(proxy):
         assert len(full) >= 8 and len({id(c.obj) for c in full}) == len(full), "a held buffer is not handed out again"
         assert b"".join(held) == data[MiB:]
         del held, full
-        digest, pooled, seen = hashlib.sha256(), 0, 0
+        digest, used, seen = hashlib.sha256(), set(), 0
         async with client.open(desc, MiB) as chunks:
             async for chunk in chunks:  # each chunk dropped once consumed: the same buffers come back
                 digest.update(chunk)
                 seen += len(chunk) == DIRECT_CHUNK
-                pooled = max(pooled, len(client._direct._buffers))
+                if isinstance(chunk, memoryview):  # not a short tail (a bytearray)
+                    used.add(id(chunk.obj))
         assert digest.digest() == hashlib.sha256(data[MiB:]).digest()
-        assert seen >= 8 and pooled <= 3
-        assert client._direct._buffers == [], "released once no body is open"
+        assert seen >= 8 and len(used) <= 3
+        kept = {id(b) for b in client._direct.pool.buffers}
+        async with client.open(desc, MiB) as chunks:  # the next stream's chunks come from the same maps
+            assert id((await anext(chunks)).obj) in kept
+        assert client._direct.pool.buffers, "kept between streams"
+        await trio.sleep(1)
+        assert client._direct.pool.buffers == [], "released once no body has been open for a while"
+
+
+async def test_direct_chunks_end_on_a_mib_of_the_blob(proxy):
+    """Wherever a range starts, its chunks soon end on MiB boundaries of the blob: the kernel's
+    1 MiB reads fall on them, and a chunk that starts on a page can be written with O_DIRECT."""
+    layer = im.random_layer(24 * MiB, seed=12, path="opt/big.bin")
+    push(proxy.host, "test/grain", im.image([layer]), "v1")
+    desc, data = Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size), layer.data
+    async with RegistryClient(parse(f"{proxy.host}/test/grain:v1")) as client:
+        await read(client, desc, 0, 1000)
+        start, ends, got = 123_457, [], []
+        async with client.open(desc, start) as chunks:
+            async for chunk in chunks:
+                got.append(bytes(chunk))
+                ends.append(start + sum(map(len, got)))
+        assert b"".join(got) == data[start:]
+        assert client._direct.requests == 1 and len(ends) >= 6
+        assert all(end % (256 << 10) == 0 for end in ends[:-1])
+        assert all(end % MiB == 0 for end in ends[2:-1]), [end / MiB for end in ends]
 
 
 async def test_a_cut_direct_body_resumes_from_the_byte_where_it_stopped(proxy, images):

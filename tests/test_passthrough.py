@@ -6,17 +6,26 @@ test: a blob opened while it streamed is committed under that open, and later op
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
 import os
+import struct
 import subprocess
+import threading
+import time
 
 from imagefs.fs import passthrough
 from tests.support.mounting import Mount
 from tests.test_mount import ref_key, wait_for
 
 AMD64 = ("--platform", "linux/amd64")
+MiB = 1 << 20
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 def stats(m) -> dict:
@@ -141,3 +150,39 @@ def test_listings_inside_layers_are_kept_by_the_kernel(proxy, images, mnt, cache
         before = stats(m)["readdirs"]
         assert sorted(os.listdir(m.mountpoint)) == top
         assert stats(m)["readdirs"] > before
+
+
+def test_the_shim_sends_a_large_reply_without_the_gil():
+    """A data reply blocked in writev (here: on a pipe nobody reads yet) must not stop the other
+    Python threads, as it would holding the GIL."""
+    shim = ctypes.PyDLL(passthrough.shim_path())  # PyDLL: called holding the GIL, as pyfuse3 does
+    r, w = os.pipe()
+    header = struct.pack("<IiQ", 16 + MiB, 0, 7)  # len, error 0, unique 7: a reply, not INIT or OPEN
+    payload = bytes(MiB)
+    iov = (Iovec * 2)(Iovec(ctypes.cast(ctypes.c_char_p(header), ctypes.c_void_p), 16),
+                      Iovec(ctypes.cast(ctypes.c_char_p(payload), ctypes.c_void_p), MiB))
+    shim.writev.restype = ctypes.c_ssize_t
+    shim.imagefs_pt_enable(w, 1)
+    seen: list[float] = []  # when the other thread ran
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            seen.append(time.monotonic())
+            time.sleep(0.001)
+
+    drain = subprocess.Popen(["sh", "-c", "sleep 0.5; cat >/dev/null"], stdin=r)
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        start = time.monotonic()
+        sent = shim.writev(w, iov, 2)
+        end = time.monotonic()
+    finally:
+        done.set()
+        counter.join()
+        os.close(w)
+        drain.wait()
+        os.close(r)
+    assert sent == 16 + MiB and end - start > 0.3, "the reply did not wait for its reader"
+    assert sum(start + 0.1 < t < end - 0.1 for t in seen) > 20, "the other thread did not run while the reply waited"

@@ -186,8 +186,8 @@ class LocalWriter:
             self.held.forget(offset)
             self.present.remove(offset, offset + n)
             self._lost = self._refused = exc
+            self.notify()  # readers waiting on those bytes claim them again
         self._op_done()
-        self.notify()
 
     async def drain(self) -> None:
         """Wait until every write in flight has reached the disk (or failed)."""

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import mmap
 import socket
 import ssl
 import struct
-import sys
 import threading
 import urllib.request
 from collections import defaultdict
@@ -38,11 +36,12 @@ import httpx
 import trio
 from outcome import Outcome
 
+from .chunkpool import ChunkPool
 from .tuning import DIRECT_BODIES, DIRECT_CHUNK, DIRECT_IDLE, FIRST_CHUNK
 
 MAX_HEAD = 64 * 1024
 POOL = 2 * DIRECT_BODIES + 16  # buffers kept: two per body, and what an ingest holds (32 MiB + 32 MiB)
-POOLED_MIN = 64 << 10  # smaller chunks (a short body's) are fresh bytearrays
+GRAIN = 1 << 20  # chunks end on a multiple of this in the blob (or of their size, if smaller)
 # Hop-by-hop or per-request headers a recipe does not replay.
 _DROP = frozenset({b"host", b"range", b"connection", b"content-length", b"transfer-encoding", b"keep-alive", b"te"})
 # A cancelled task must not wait for a stalled socket: trio >= 0.23 spells it abandon_on_cancel.
@@ -108,29 +107,7 @@ class DirectClient:
         self._recipes: dict[str, Recipe] = {}
         self._idle: dict[str, list[_Conn]] = defaultdict(list)
         self.requests = 0  # sent on this path, for tests and statistics
-        self.bodies = 0  # open now: each holds up to two chunks, so their number bounds memory
-        self._buffers: list[mmap.mmap] = []  # chunk buffers, reused once no view of them is held
-        self._pool_lock = threading.Lock()
-
-    def release_buffers(self) -> None:
-        with self._pool_lock:
-            self._buffers.clear()
-
-    def buffer(self, n: int) -> bytearray | memoryview:
-        """A chunk buffer of ``n`` bytes (worker thread): a view of a page-aligned map of
-        :data:`DIRECT_CHUNK` bytes, reused once no view of it is held (the ingest lets a chunk go
-        when it is hashed and read). A fresh 4 MiB buffer costs a page fault per 4 KiB, the recv
-        itself a tenth of that; and an aligned one can be written with ``O_DIRECT``."""
-        if not POOLED_MIN <= n <= DIRECT_CHUNK:
-            return bytearray(n)
-        with self._pool_lock:
-            for buf in self._buffers:
-                if sys.getrefcount(buf) == 3:  # the list, this loop, the call's argument: no view alive
-                    return memoryview(buf)[:n]
-            buf = mmap.mmap(-1, DIRECT_CHUNK)
-            if len(self._buffers) < POOL:
-                self._buffers.append(buf)
-            return memoryview(buf)[:n]
+        self.pool = ChunkPool(DIRECT_CHUNK, POOL)
 
     def learn(self, source: str, request: httpx.Request, tls: ssl.SSLContext | bool, connect_timeout: float | None = None) -> None:
         """Remember how httpx's ``request`` for ``source`` was sent, if a plain socket can replay it."""
@@ -147,7 +124,7 @@ class DirectClient:
 
     def recipe(self, source: str) -> Recipe | None:
         """How to replay ``source``, if known and if another body fits in memory's bound."""
-        return self._recipes.get(source) if self.bodies < DIRECT_BODIES else None
+        return self._recipes.get(source) if self.pool.bodies < DIRECT_BODIES else None
 
     def forget(self, source: str) -> None:
         self._recipes.pop(source, None)
@@ -169,7 +146,7 @@ class DirectClient:
         except trio.Cancelled:
             cancelled.set()  # the worker closes whatever socket it ends up with
             raise
-        return Body(self, conn, leftover, end - start, keep)
+        return Body(self, conn, leftover, start, end, keep)
 
     def _exchange(self, recipe: Recipe, conn: _Conn | None, head: bytes, want: tuple[int, int, int],
                   cancelled: threading.Event) -> tuple[_Conn, bytearray, bool]:
@@ -240,11 +217,12 @@ class Body:
     receiving chunk *k+1*, so the network and the disk overlap on two cores.
     """
 
-    def __init__(self, client: DirectClient, conn: _Conn, leftover: bytearray, length: int, keep: bool) -> None:
+    def __init__(self, client: DirectClient, conn: _Conn, leftover: bytearray, start: int, end: int, keep: bool) -> None:
         self.client = client
         self.conn: _Conn | None = conn
         self.leftover = leftover
-        self.remaining = length  # bytes not yet handed to the caller
+        self.end = end  # the body is bytes [start, end) of the blob
+        self.remaining = end - start  # bytes not yet handed to the caller
         self.chunk = FIRST_CHUNK  # doubles up to DIRECT_CHUNK: a reader waits for whole chunks
         self.keep = keep
         self.error: OSError | None = None
@@ -252,7 +230,7 @@ class Body:
         self._lock = threading.Lock()  # busy/aborted: who closes the socket when a read is abandoned
         self._busy = False
         self._aborted = False
-        client.bodies += 1
+        client.pool.opened()
 
     async def read(self) -> bytearray | memoryview:
         """The next chunk (at most :data:`DIRECT_CHUNK` bytes); ``Lost`` once the connection failed."""
@@ -279,8 +257,14 @@ class Body:
         return chunk
 
     def _next_size(self) -> int:
+        """The next chunk's size: it ends on a multiple of itself in the blob, a MiB at most. The
+        kernel reads a file in MiBs that start on a MiB; one that spans two chunks is a copy, and
+        with chunk ends 3.75 MiB into each 4 MiB, one read in four was."""
         n, self.chunk = self.chunk, min(self.chunk * 2, DIRECT_CHUNK)
-        return min(n, self.remaining)
+        pos = self.end - self.remaining
+        grain = min(n, GRAIN)
+        end = (pos + n) // grain * grain
+        return min(end - pos if end > pos else n, self.remaining)
 
     def _start(self, n: int) -> None:
         """Have a worker thread receive the next ``n`` bytes; :meth:`read` collects them."""
@@ -301,7 +285,7 @@ class Body:
 
     def _read(self, conn: _Conn, n: int) -> bytearray | memoryview:
         """Worker thread: fill a buffer (pooled); on a failure return what arrived and keep the error."""
-        buf = self.client.buffer(n)
+        buf = self.client.pool.buffer(n)
         got = 0
         with memoryview(buf) as view:
             if self.leftover:
@@ -334,9 +318,7 @@ class Body:
         conn, self.conn = self.conn, None
         if conn is None:
             return
-        self.client.bodies -= 1
-        if self.client.bodies == 0:
-            self.client.release_buffers()  # an idle mount keeps no chunk memory
+        self.client.pool.closed()
         if self.remaining == 0 and self.keep and self.error is None and not self.leftover:
             self.client._release(conn)
             return
