@@ -25,7 +25,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from .content.local import LocalStore, Writer
+from .content.store import Store, Writer
 from .descriptors import Descriptor
 from .errors import AlreadyExists, DigestMismatch, Unavailable
 from .handlers import Fetcher, commit_labels
@@ -59,7 +59,7 @@ class BlobSource:
     the cache out: the bytes are hashed here instead.
     """
 
-    def __init__(self, store: LocalStore, fetcher: Fetcher, desc: Descriptor, on_bytes: Callable[[int], None]) -> None:
+    def __init__(self, store: Store, fetcher: Fetcher, desc: Descriptor, on_bytes: Callable[[int], None]) -> None:
         self.store, self.fetcher, self.desc, self.on_bytes = store, fetcher, desc, on_bytes
         self.writer: Writer | None = None
         self.uncached = False

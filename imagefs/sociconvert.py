@@ -27,7 +27,7 @@ from typing import AsyncIterator
 
 import trio
 
-from .content.local import LocalStore
+from .content.store import Store
 from .descriptors import (CONFIG_TYPES, DOCKER_LAYER_GZIP, DOCKER_LAYER_FOREIGN_GZIP, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP,
                           OCI_LAYER_NONDIST_GZIP, OCI_MANIFEST, SOCI_BUILD_TOOL, SOCI_INDEX_DIGEST, SOCI_INDEX_V2,
                           SOCI_LAYER_DIGEST, SOCI_LAYER_MEDIA_TYPE, SOCI_MANIFEST_DIGEST, SOCI_SPAN_SIZE, SOCI_ZTOC,
@@ -72,7 +72,7 @@ def _platform_json(p: Platform) -> dict:
 class Converter:
     """One ``copy --soci``: zTOCs built once per layer (layers shared by platforms), two at a time."""
 
-    def __init__(self, store: LocalStore, fetcher: Fetcher, dest, image, opts: SociOptions, out=sys.stderr) -> None:
+    def __init__(self, store: Store, fetcher: Fetcher, dest, image, opts: SociOptions, out=sys.stderr) -> None:
         self.store, self.fetcher, self.dest, self.image, self.opts, self.out = store, fetcher, dest, image, opts, out
         self._ztocs: dict[str, dict | None] = {}  # layer digest -> the zTOC's descriptor JSON (None: none built)
         self._limit = trio.CapacityLimiter(2)
