@@ -64,3 +64,13 @@ def test_layers_never_open_a_registry_stream():
                  and node.func.attr == "open" and isinstance(node.func.value, ast.Attribute | ast.Name)
                  and getattr(node.func.value, "attr", getattr(node.func.value, "id", "")) == "fetcher"]
         assert calls == [], f"{rel(path)} opens a registry stream: read through BlobRanges"
+
+
+def test_no_private_name_is_imported_across_modules():
+    offenders = []
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("imagefs")):
+                offenders += [f"{rel(path)}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert offenders == []
