@@ -106,8 +106,8 @@ async def test_chunk_buffers_are_reused_only_once_nobody_holds_them(proxy, monke
 
 
 async def test_direct_chunks_end_on_a_mib_of_the_blob(proxy):
-    """Wherever a range starts, its chunks soon end on MiB boundaries of the blob: the kernel's
-    1 MiB reads fall on them, and a chunk that starts on a page can be written with O_DIRECT."""
+    """Wherever a range starts, its chunks soon end on MiB boundaries of the blob, so all but the
+    first start on a page and can be written with O_DIRECT."""
     layer = im.random_layer(24 * MiB, seed=12, path="opt/big.bin")
     push(proxy.host, "test/grain", im.image([layer]), "v1")
     desc, data = Descriptor(OCI_LAYER_GZIP, layer.digest, layer.size), layer.data

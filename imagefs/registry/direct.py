@@ -257,9 +257,9 @@ class Body:
         return chunk
 
     def _next_size(self) -> int:
-        """The next chunk's size: it ends on a multiple of itself in the blob, a MiB at most. The
-        kernel reads a file in MiBs that start on a MiB; one that spans two chunks is a copy, and
-        with chunk ends 3.75 MiB into each 4 MiB, one read in four was."""
+        """The next chunk's size: it ends on a multiple of itself in the blob, a MiB at most. So a
+        range that starts off a page (a plain-tar member's tail) has every chunk but its first on
+        a page, and the ingest can write them with ``O_DIRECT``."""
         n, self.chunk = self.chunk, min(self.chunk * 2, DIRECT_CHUNK)
         pos = self.end - self.remaining
         grain = min(n, GRAIN)
