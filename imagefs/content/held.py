@@ -70,16 +70,10 @@ class Held:
 
     def forget(self, offset: int) -> None:
         """The chunk at ``offset`` could not be written: let it go, whatever it was kept for."""
-        chunk = self._chunks.get(offset)
-        if chunk is None:
+        if offset not in self._chunks:
             return
-        if offset in self._unhashed:
-            self._unhashed.discard(offset)
-            self.for_hash -= len(chunk)
-        if offset in self._unread:
-            self._unread.discard(offset)
-            self.for_readers -= len(chunk)
-            self.keep.used -= len(chunk)
+        self._unhold(offset)
+        self._unkeep(offset)
         self._writing.discard(offset)
         self._drop(offset)
 
@@ -102,8 +96,7 @@ class Held:
     def hashed_to(self, pos: int) -> None:
         """The hasher passed ``pos``: chunks before it are no longer held for it."""
         for start in [s for s in self._unhashed if s + len(self._chunks[s]) <= pos]:
-            self._unhashed.discard(start)
-            self.for_hash -= len(self._chunks[start])
+            self._unhold(start)
             self._let_go(start)
 
     def pieces(self, offset: int, size: int, *, consume: bool = True) -> list[memoryview | tuple[int, int]]:
@@ -133,12 +126,23 @@ class Held:
 
     def _read(self, start: int) -> None:
         if start in self._unread:
+            self._unkeep(start)
+            self.uncached.add(start, start + len(self._chunks[start]))
+            self._let_go(start)
+
+    def _unhold(self, start: int) -> None:
+        """The chunk at ``start`` is no longer held for the hasher."""
+        if start in self._unhashed:
+            self._unhashed.discard(start)
+            self.for_hash -= len(self._chunks[start])
+
+    def _unkeep(self, start: int) -> None:
+        """The chunk at ``start`` is no longer kept for readers."""
+        if start in self._unread:
             self._unread.discard(start)
             n = len(self._chunks[start])
             self.for_readers -= n
             self.keep.used -= n
-            self.uncached.add(start, start + n)
-            self._let_go(start)
 
     def _let_go(self, start: int) -> None:
         """Drop the chunk at ``start`` once no one needs it in memory."""

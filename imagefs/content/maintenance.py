@@ -35,6 +35,7 @@ from ..descriptors import (
 from ..descriptors import SHA256_RE
 from ..errors import ImagefsError
 from . import filelock, layout
+from .diskio import atomic_write
 from .labels import GC_REF, GC_ROOT, MEDIATYPE
 from .local import LocalStore
 
@@ -220,9 +221,7 @@ def write_sidecar(store: LocalStore, digest: str, labels: dict[str, str]) -> Non
     """Keep ``labels`` beside the blob; the store reads a sidecar before any xattr."""
     p = sidecar_path(store, digest)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(labels, sort_keys=True))
-    os.replace(tmp, p)
+    atomic_write(p, json.dumps(labels, sort_keys=True).encode())
 
 
 def touch(store: LocalStore, digests: Iterable[str]) -> None:
